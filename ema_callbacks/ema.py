@@ -1,0 +1,285 @@
+"""The plain-loop API: an EMA for users without a trainer.
+
+>>> import torch
+>>> from ema_callbacks import EMA
+>>> model = torch.nn.Linear(4, 1)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> ema = EMA(model, half_life='50ba')
+>>> for _ in range(3):
+...     loss = model(torch.randn(8, 4)).pow(2).mean()
+...     opt.zero_grad(); loss.backward(); opt.step()
+...     _ = ema.step(model)
+>>> ema.num_updates                       # step 1 initialised the EMA, steps 2-3 averaged
+2
+>>> with ema.swapped(model):               # EMA weights in, training weights back after
+...     _ = model(torch.randn(2, 4))
+>>> sd = ema.state_dict(); ema.load_state_dict(sd)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ema_callbacks.controller import EMAController
+from ema_callbacks.schedule import Clock, Schedule
+from ema_callbacks.time_strings import Time, TimeUnit
+
+__all__ = ["EMA"]
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a single number; got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+    return value
+
+
+class EMA:
+    """An exponential moving average of a model's weights, for a hand-written training loop.
+
+    Call :meth:`step` after every optimizer step and :meth:`end_epoch` after every epoch; use
+    :meth:`swapped` to evaluate with the EMA weights, or :meth:`functional_call` to evaluate
+    them without touching the model.
+
+    Args:
+        model: the model being trained.
+        half_life: a time string (``'50ba'``, ``'1ep'``, ``'2e6tok'``, ``'0.1dur'``); the default
+            when neither ``smoothing`` nor ``sigma_rel`` is given is ``'1000ba'``.
+        smoothing: a constant per-update decay (``0.999``) instead of a half-life.
+        sigma_rel: EDM2 power-function EMA with this relative width instead.
+        update_interval: how often to update (default: every step, or every epoch for an
+            ``ep`` half-life).
+        start: progress before which the EMA just follows the model (not swapped in).
+        warmup, warmup_gamma, warmup_power, rampup_ratio: see
+            :class:`~ema_callbacks.schedule.Schedule`.
+        include, exclude, trainable_only, buffers, dtype, device, nonfinite: see
+            :class:`~ema_callbacks.weights.EMAWeights`.
+        steps_per_epoch: steps in one epoch, for fractional epochs (``'0.25ep'``) without
+            waiting for :meth:`end_epoch`.
+        max_duration: the planned length of the run (``'10ep'``, ``'5000ba'``), needed for
+            ``dur`` times.
+
+    >>> ema = EMA(torch.nn.Linear(2, 2), smoothing=0.9, half_life='5ba')
+    Traceback (most recent call last):
+    ...
+    ValueError: give exactly one of half_life, smoothing or sigma_rel; got half_life='5ba', smoothing=0.9
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        half_life: str | float | None = None,
+        *,
+        smoothing: float | None = None,
+        sigma_rel: float | None = None,
+        update_interval: str | None = None,
+        start: str = "0ba",
+        warmup: str = "none",
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        rampup_ratio: float | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        trainable_only: bool = True,
+        buffers: str = "average",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        nonfinite: str = "skip",
+        steps_per_epoch: int | None = None,
+        max_duration: str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        schedule = Schedule(
+            half_life=half_life,
+            smoothing=smoothing,
+            sigma_rel=sigma_rel,
+            update_interval=update_interval,
+            start=start,
+            warmup=warmup,
+            warmup_gamma=warmup_gamma,
+            warmup_power=warmup_power,
+            rampup_ratio=rampup_ratio,
+        )
+        if steps_per_epoch is not None:
+            steps_per_epoch = _count(steps_per_epoch, "steps_per_epoch")
+            if steps_per_epoch == 0:
+                raise ValueError("steps_per_epoch must be positive; got 0")
+        self.steps_per_epoch = steps_per_epoch
+        self.max_duration = None if max_duration is None else Time.parse(max_duration, "max_duration")
+        if self.max_duration is not None:
+            if self.max_duration.unit is TimeUnit.DURATION:
+                raise ValueError(f"max_duration must be in 'ba', 'ep', 'sp' or 'tok'; got '{self.max_duration}'")
+            if self.max_duration.value == 0 or self.max_duration.is_infinite:
+                raise ValueError(f"max_duration must be positive and finite; got '{self.max_duration}'")
+        if TimeUnit.DURATION in schedule.units and self.max_duration is None:
+            raise ValueError(
+                "this EMA uses 'dur' times, which need the planned length of the run: "
+                "pass max_duration='10ep' (or '5000ba', ...)"
+            )
+        self.controller = EMAController(
+            schedule,
+            include=include,
+            exclude=exclude,
+            trainable_only=trainable_only,
+            buffers=buffers,
+            dtype=dtype,
+            device=device,
+            nonfinite=nonfinite,
+        )
+        self.controller.fit_start(model)
+        self._batch = 0
+        self._epoch = 0
+        self._batch_in_epoch = 0
+        self._samples: int | None = None
+        self._tokens: int | None = None
+
+    # -- clock ----------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        """Progress so far, as the schedule sees it."""
+        epoch = float(self._epoch)
+        if self.steps_per_epoch:
+            epoch += min(1.0, self._batch_in_epoch / self.steps_per_epoch)
+        clock = Clock(self._batch, epoch, self._samples, self._tokens, None)
+        if self.max_duration is not None:
+            done = clock.get(self.max_duration.unit)
+            if done is not None:
+                clock = Clock(
+                    clock.batch, clock.epoch, clock.sample, clock.token,
+                    min(1.0, float(done) / float(self.max_duration.value)),
+                )
+        return clock
+
+    def _advance(self, samples: Any, tokens: Any) -> None:
+        for unit, value, attr, arg in (
+            (TimeUnit.SAMPLE, samples, "_samples", "samples"),
+            (TimeUnit.TOKEN, tokens, "_tokens", "tokens"),
+        ):
+            current = getattr(self, attr)
+            needed = unit in self.controller.schedule.units or (
+                self.max_duration is not None and self.max_duration.unit is unit
+            )
+            if value is not None:
+                if needed and current is None and self._batch > 0:
+                    raise ValueError(f"{arg}= must be passed from the first step() call on")
+                setattr(self, attr, (current or 0) + _count(value, arg))
+            elif needed:
+                raise ValueError(
+                    f"this EMA counts '{unit.value}': pass {arg}= (the number in this "
+                    f"step's batch) to every step() call"
+                )
+        self._batch += 1
+        self._batch_in_epoch += 1
+
+    # -- events ---------------------------------------------------------------------------
+
+    def step(self, model: nn.Module | None = None, *, samples: Any = None, tokens: Any = None) -> bool:
+        """One optimizer step is done: update the EMA if due. Returns True if it updated.
+
+        ``samples``/``tokens``: how many this step's batch held (needed when a time is in
+        ``sp``/``tok``).
+        """
+        model = self._model(model)
+        self._advance(samples, tokens)
+        return self.controller.batch_end(model, self.clock)
+
+    def end_epoch(self, model: nn.Module | None = None) -> bool:
+        """An epoch ended: update the EMA if due (``'1ep'`` intervals). Returns True if it did."""
+        model = self._model(model)
+        self._epoch += 1
+        self._batch_in_epoch = 0
+        return self.controller.epoch_end(model, self.clock)
+
+    def _model(self, model: nn.Module | None) -> nn.Module:
+        weights = self.controller.weights
+        assert weights is not None
+        if model is None:
+            assert weights._bound is not None
+            return weights._bound
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        return model
+
+    # -- using the average ----------------------------------------------------------------
+
+    @contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
+        """EMA weights in the model for the block; training weights back in ``finally``.
+
+        Before the EMA has started (``start``) the model keeps its training weights.
+        """
+        model = self._model(model)
+        with self.controller.ema_weights(model):
+            yield model
+
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the EMA weights into ``model`` permanently (e.g. before exporting it)."""
+        weights = self.controller.weights
+        assert weights is not None
+        weights.copy_to(self._model(model))
+
+    def functional_call(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` computed with the EMA weights; the model is untouched."""
+        weights = self.controller.weights
+        assert weights is not None
+        return weights.functional_call(model, *args, **kwargs)
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """The EMA tensors by normalised name (live; do not modify)."""
+        weights = self.controller.weights
+        assert weights is not None
+        return weights.state_dict()
+
+    @property
+    def num_updates(self) -> int:
+        """Averaging updates since the EMA was initialised."""
+        return self.controller.num_updates
+
+    @property
+    def num_skipped(self) -> int:
+        """Updates skipped by the non-finite guard."""
+        return self.controller.num_skipped
+
+    @property
+    def smoothing(self) -> float | None:
+        """The smoothing (beta) of the last update."""
+        return self.controller.smoothing
+
+    @property
+    def started(self) -> bool:
+        return self.controller.started
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's versioned state plus this loop's progress counters."""
+        state = self.controller.state_dict()
+        state["clock"] = {
+            "batch": self._batch,
+            "epoch": self._epoch,
+            "batch_in_epoch": self._batch_in_epoch,
+            "samples": self._samples,
+            "tokens": self._tokens,
+        }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched weights."""
+        self.controller.load_state_dict(state)
+        clock = dict(state.get("clock", {}))
+        self._batch = int(clock.get("batch", 0))
+        self._epoch = int(clock.get("epoch", 0))
+        self._batch_in_epoch = int(clock.get("batch_in_epoch", 0))
+        self._samples = clock.get("samples")
+        self._tokens = clock.get("tokens")

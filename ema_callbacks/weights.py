@@ -1,0 +1,639 @@
+"""The shadow weights and everything done to them: update, swap, view, copy, state.
+
+Torch only: no notion of trainers or events (that is :mod:`ema_callbacks.controller`).
+
+* **Selection** — parameters (trainable only by default) and buffers (``average``, ``copy`` or
+  ``ignore``), filtered by glob patterns on normalised names. Integer buffers
+  (``num_batches_tracked``) are always copied, never averaged.
+* **Names** — wrappers are unwrapped and their path components removed, so an EMA built on a
+  bare model keeps working on the DDP-, FSDP- or ``torch.compile``-wrapped one.
+* **Update** — :func:`lerp_` is one ``torch._foreach_lerp_`` per (device, dtype) group; a
+  float32 shadow of bf16/fp16 weights is updated through a small reusable float32 scratch,
+  never a float32 copy of the whole model. No host synchronisation.
+* **Swap** — O(1): the parameter's ``.data`` and the shadow tensor exchange storage (optimizer
+  state keys on the parameter object, so it keeps pointing at the right tensors). Where dtypes
+  or devices differ, a copying fallback with one reusable backup buffer.
+* **View** — :meth:`EMAWeights.functional_call` runs the model on the shadow weights through
+  ``torch.func.functional_call`` without touching it.
+
+>>> import torch
+>>> model = torch.nn.Linear(2, 2)
+>>> weights = EMAWeights(model)
+>>> weights.names
+['bias', 'weight']
+>>> with torch.no_grad():
+...     _ = model.weight.add_(1.0)
+>>> weights.update_(0.5)                      # ema <- ema + 0.5 * (model - ema)
+True
+>>> bool(torch.allclose(weights.shadow['weight'], model.weight - 0.5))
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BUFFER_POLICIES",
+    "EMAWeights",
+    "NonFiniteWeightsError",
+    "lerp_",
+    "normalize_name",
+    "unwrap_model",
+]
+
+BUFFER_POLICIES = ("average", "copy", "ignore")
+NONFINITE_POLICIES = ("skip", "error", "ignore")
+_WRAPPER_COMPONENTS = frozenset(
+    {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module"}
+)
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+# Largest number of float32 elements the mixed-dtype scratch holds (16 MiB); the scratch is
+# also capped at 1/32 of the shadow so its peak extra memory stays ~3% of the shadow.
+_SCRATCH_MAX = 4 * 2**20
+_SCRATCH_MIN = 2**16
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """Raised by an update whose source weights hold NaN or Inf, with ``nonfinite='error'``."""
+
+
+def normalize_name(name: str) -> str:
+    """Drop the path components that wrappers insert (``_orig_mod``, ``_fsdp_wrapped_module``,
+    ``_checkpoint_wrapped_module``) and a leading ``module.`` (DDP, DataParallel).
+
+    >>> normalize_name('module._orig_mod.encoder._fsdp_wrapped_module.weight')
+    'encoder.weight'
+    """
+    parts = name.split(".")
+    if parts and parts[0] == "module" and len(parts) > 1:
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in _WRAPPER_COMPONENTS)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    >>> m = torch.nn.Linear(1, 1)
+    >>> unwrap_model(torch.nn.DataParallel(m)) is m
+    True
+    """
+    seen = 0
+    while seen < 16:
+        seen += 1
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+def _as_patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name} must be a glob pattern or a list of them; got {value!r}")
+
+
+def _as_dtype(value: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None; got {value!r}")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor (FSDP2 shard), the tensor itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def lerp_(
+    shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight: float
+) -> None:
+    """``shadow[i] += weight * (source[i] - shadow[i])`` for same-device, same-dtype lists.
+
+    One fused multi-tensor call; ``weight == 1`` copies.
+
+    >>> s, p = [torch.zeros(3)], [torch.ones(3)]
+    >>> lerp_(s, p, 0.25); s[0].tolist()
+    [0.25, 0.25, 0.25]
+    """
+    if not shadow:
+        return
+    if weight == 1.0:
+        torch._foreach_copy_(list(shadow), list(source))
+    elif weight != 0.0:
+        torch._foreach_lerp_(list(shadow), list(source), weight)
+
+
+@dataclass
+class _Entry:
+    name: str  # normalised name (the shadow key)
+    model_name: str  # name in the bound model (for functional_call)
+    owner: nn.Module
+    attr: str
+    is_param: bool
+    average: bool  # False: copied every update
+
+
+class _Group:
+    """Tensors updated together: one device, one shadow dtype, one source dtype."""
+
+    def __init__(self, entries: list[_Entry], shadows: list[torch.Tensor]) -> None:
+        self.entries = entries
+        self.shadows = shadows
+        self.params = [e.owner._parameters[e.attr] for e in entries] if entries[0].is_param else None
+
+    def sources(self) -> list[torch.Tensor]:
+        if self.params is not None:
+            return [_local(p.data) for p in self.params]  # type: ignore[union-attr]
+        return [_local(e.owner._buffers[e.attr]) for e in self.entries]  # type: ignore[arg-type]
+
+
+class EMAWeights:
+    """Shadow copies of a model's weights, keyed by normalised name.
+
+    Args:
+        model: the module whose weights are averaged (wrappers are looked through).
+        include, exclude: glob patterns on normalised names (``'encoder.*'``); a tensor is
+            tracked if it matches an ``include`` pattern (all do when ``include`` is None) and
+            no ``exclude`` pattern.
+        trainable_only: skip parameters with ``requires_grad=False`` (frozen backbones, LoRA
+            bases).
+        buffers: ``'average'`` (BatchNorm statistics are averaged like weights), ``'copy'``
+            (the shadow keeps the latest value) or ``'ignore'``. Integer buffers are copied.
+        dtype: shadow dtype (``'float32'``...); default float32 for bf16/fp16 weights, the
+            weight's own dtype otherwise.
+        device: shadow device (``'cpu'`` offloads it; pinned when the weights are on CUDA).
+        nonfinite: ``'skip'`` an update whose source holds NaN/Inf (counted and warned about),
+            ``'error'`` raise :class:`NonFiniteWeightsError`, or ``'ignore'`` (no check: saves
+            one read of the weights per update).
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    >>> w = EMAWeights(model, buffers='copy', exclude='1.*')
+    >>> w.names
+    ['0.bias', '0.weight']
+    >>> w.nbytes
+    24
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        trainable_only: bool = True,
+        buffers: str = "average",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if buffers not in BUFFER_POLICIES:
+            raise ValueError(f"buffers must be one of {BUFFER_POLICIES}; got {buffers!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}")
+        if not isinstance(trainable_only, bool):
+            raise TypeError(f"trainable_only must be True or False; got {trainable_only!r}")
+        self.include = _as_patterns(include, "include")
+        self.exclude = _as_patterns(exclude, "exclude")
+        self.trainable_only = trainable_only
+        self.buffers = buffers
+        self.dtype = _as_dtype(dtype)
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be a torch device like 'cpu' or 'cuda:0'; got {device!r}") from err
+        self.nonfinite = nonfinite
+
+        self.shadow: dict[str, torch.Tensor] = {}
+        self._average: dict[str, bool] = {}
+        self._entries: list[_Entry] = []
+        self._groups: list[_Group] = []
+        self._mixed: list[_Group] = []
+        self._copies: list[_Group] = []
+        self._bound: nn.Module | None = None
+        self._swapped = False
+        self._held: dict[str, torch.Tensor] = {}
+        self._backup: dict[str, torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._scratch_numel = _SCRATCH_MIN
+
+        entries = self._select(model)
+        if not entries:
+            raise ValueError(
+                "no weights to average: every parameter and buffer was filtered out "
+                f"(include={include!r}, exclude={exclude!r}, trainable_only={trainable_only}, "
+                f"buffers={buffers!r})"
+            )
+        for e in entries:
+            src = self._source_of(e)
+            shadow_dtype = self._shadow_dtype(src)
+            target = self.device if self.device is not None else src.device
+            t = src.detach().to(device=target, dtype=shadow_dtype, copy=True)
+            if target.type == "cpu" and src.device.type == "cuda":
+                t = t.pin_memory()
+            self.shadow[e.name] = t
+            self._average[e.name] = e.average
+        self.bind(model)
+
+    # -- selection and binding ------------------------------------------------------------
+
+    def _selected(self, name: str) -> bool:
+        if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not (self.exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+
+    def _select(self, model: nn.Module) -> list[_Entry]:
+        root = unwrap_model(model)
+        entries: list[_Entry] = []
+        seen: set[int] = set()
+        for module_name, module in root.named_modules(remove_duplicate=True):
+            for attr, p in module._parameters.items():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                full = f"{module_name}.{attr}" if module_name else attr
+                name = normalize_name(full)
+                if self.trainable_only and not p.requires_grad:
+                    continue
+                if not self._selected(name):
+                    continue
+                average = p.is_floating_point() or p.is_complex()
+                entries.append(_Entry(name, full, module, attr, True, average))
+            if self.buffers == "ignore":
+                continue
+            for attr, b in module._buffers.items():
+                if b is None or id(b) in seen or attr in module._non_persistent_buffers_set:
+                    continue
+                seen.add(id(b))
+                full = f"{module_name}.{attr}" if module_name else attr
+                name = normalize_name(full)
+                if not self._selected(name):
+                    continue
+                average = self.buffers == "average" and (b.is_floating_point() or b.is_complex())
+                entries.append(_Entry(name, full, module, attr, False, average))
+        entries.sort(key=lambda e: e.name)
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"two weights normalise to the same name: {dup}")
+        return entries
+
+    @staticmethod
+    def _source_of(e: _Entry) -> torch.Tensor:
+        t = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
+        assert t is not None
+        return _local(t.data if e.is_param else t)
+
+    def _shadow_dtype(self, src: torch.Tensor) -> torch.dtype:
+        if self.dtype is not None and (src.is_floating_point() or src.is_complex()):
+            return self.dtype
+        if src.dtype in (torch.bfloat16, torch.float16):
+            return torch.float32
+        return src.dtype
+
+    def bind(self, model: nn.Module) -> None:
+        """Point the update at ``model``'s tensors, matching by normalised name.
+
+        Called at construction; call it again after the model's parameters were replaced
+        (``fully_shard``, ``to_empty``, wrapping in a new module). Raises ``ValueError``
+        listing the missing and unexpected names if ``model`` does not hold the same weights.
+        """
+        if self._swapped:
+            raise RuntimeError("cannot rebind while the EMA weights are swapped in; swap out first")
+        entries = self._select(model)
+        by_name = {e.name: e for e in entries}
+        missing = sorted(set(self.shadow) - set(by_name))
+        unexpected = sorted(set(by_name) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(
+                "the model does not hold the weights this EMA tracks: "
+                f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+                f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+            )
+        for e in entries:
+            src, sh = self._source_of(e), self.shadow[e.name]
+            if src.shape != sh.shape:
+                raise ValueError(
+                    f"weight {e.name!r} has shape {tuple(src.shape)} in the model but "
+                    f"{tuple(sh.shape)} in the EMA"
+                )
+        self._entries = entries
+        self._bound = model
+        groups: dict[tuple[Any, ...], list[_Entry]] = {}
+        for e in entries:
+            src, sh = self._source_of(e), self.shadow[e.name]
+            key = (e.average, e.is_param, sh.device, sh.dtype, src.device, src.dtype)
+            groups.setdefault(key, []).append(e)
+        self._groups, self._mixed, self._copies = [], [], []
+        for (average, _, sdev, sdt, pdev, pdt), members in groups.items():
+            group = _Group(members, [self.shadow[e.name] for e in members])
+            if not average:
+                self._copies.append(group)
+            elif sdev == pdev and sdt == pdt:
+                self._groups.append(group)
+            else:
+                self._mixed.append(group)
+        total = sum(t.numel() for t in self.shadow.values())
+        self._scratch_numel = max(_SCRATCH_MIN, min(_SCRATCH_MAX, total // 32))
+        self._scratch.clear()
+
+    @property
+    def names(self) -> list[str]:
+        """The tracked names, sorted."""
+        return sorted(self.shadow)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the shadow tensors."""
+        return sum(t.numel() * t.element_size() for t in self.shadow.values())
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the EMA weights are currently in the bound model."""
+        return self._swapped
+
+    def _check_bound(self, model: nn.Module | None) -> None:
+        if model is not None and model is not self._bound:
+            self.bind(model)
+
+    # -- update ---------------------------------------------------------------------------
+
+    def _all_finite(self) -> bool:
+        """One max-abs reduction per group, one host read per device."""
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in (*self._groups, *self._mixed):
+            srcs = [s for s in group.sources() if s.numel() > 0 and s.is_floating_point()]
+            if srcs:
+                norms = torch._foreach_norm(srcs, math.inf)
+                per_device.setdefault(srcs[0].device, []).extend(n.float() for n in norms)
+        return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in per_device.values())
+
+    @torch.no_grad()
+    def update_(self, weight: float, model: nn.Module | None = None) -> bool:
+        """``ema += weight * (model - ema)`` for averaged tensors; copied tensors take the
+        model's value. ``weight = 1`` copies everything. Returns False if the update was
+        skipped by the non-finite guard.
+        """
+        if self._swapped:
+            raise RuntimeError(
+                "the EMA weights are swapped into the model: swap them out before updating"
+            )
+        if not 0.0 <= weight <= 1.0 or math.isnan(weight):
+            raise ValueError(f"weight must be between 0 and 1; got {weight!r}")
+        self._check_bound(model)
+        if self.nonfinite != "ignore" and weight > 0.0 and not self._all_finite():
+            if self.nonfinite == "error":
+                raise NonFiniteWeightsError("the model's weights hold NaN or Inf; EMA update refused")
+            return False
+        for group in self._groups:
+            lerp_(group.shadows, group.sources(), weight)
+        for group in self._mixed:
+            self._mixed_lerp_(group, weight)
+        for group in self._copies:
+            torch._foreach_copy_(group.shadows, group.sources())
+        return True
+
+    def _scratch_for(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = torch.empty(self._scratch_numel, device=device, dtype=dtype)
+            self._scratch[key] = buf
+        return buf
+
+    def _mixed_lerp_(self, group: _Group, weight: float) -> None:
+        """Shadow and source differ in dtype or device: stage the source through a bounded
+        scratch in the shadow's dtype and device, then one foreach lerp per batch."""
+        if weight == 0.0:
+            return
+        shadows, sources = group.shadows, group.sources()
+        first = shadows[0]
+        scratch = self._scratch_for(first.device, first.dtype)
+        cap = scratch.numel()
+        batch_s: list[torch.Tensor] = []
+        batch_p: list[torch.Tensor] = []
+        batch_x: list[torch.Tensor] = []
+        used = 0
+
+        def flush() -> None:
+            nonlocal used
+            if batch_s:
+                torch._foreach_copy_(batch_x, batch_p, non_blocking=True)
+                lerp_(batch_s, batch_x, weight)
+                batch_s.clear(), batch_p.clear(), batch_x.clear()
+            used = 0
+
+        for sh, src in zip(shadows, sources):
+            n = sh.numel()
+            if n == 0:
+                continue
+            if n > cap or not (sh.is_contiguous() and src.is_contiguous()):
+                flush()
+                flat_s, flat_p = sh.view(-1) if sh.is_contiguous() else sh, src.reshape(-1)
+                if not sh.is_contiguous():  # rare: copy through a temporary of this tensor only
+                    sh.lerp_(src.to(sh.dtype), weight)
+                    continue
+                for i in range(0, n, cap):
+                    m = min(cap, n - i)
+                    x = scratch[:m]
+                    x.copy_(flat_p[i : i + m], non_blocking=True)
+                    lerp_([flat_s[i : i + m]], [x], weight)
+                continue
+            if used + n > cap:
+                flush()
+            batch_s.append(sh)
+            batch_p.append(src)
+            batch_x.append(scratch[used : used + n].view(sh.shape))
+            used += n
+        flush()
+
+    # -- swap -----------------------------------------------------------------------------
+
+    def _swappable(self, e: _Entry) -> bool:
+        src, sh = self._source_of(e), self.shadow[e.name]
+        return (
+            src.dtype == sh.dtype
+            and src.device == sh.device
+            and not _is_dtensor(e.owner._parameters[e.attr] if e.is_param else src)  # type: ignore[arg-type]
+        )
+
+    @torch.no_grad()
+    def swap_in(self, model: nn.Module | None = None) -> None:
+        """Put the EMA weights into the model; idempotent. Storage is exchanged (O(1)) where
+        shadow and weight share dtype and device, copied through a reusable backup otherwise."""
+        self._check_bound(model)
+        if self._swapped:
+            return
+        copy_dst: list[torch.Tensor] = []
+        copy_src: list[torch.Tensor] = []
+        backups: list[torch.Tensor] = []
+        for e in self._entries:
+            sh = self.shadow[e.name]
+            if self._swappable(e):
+                if e.is_param:
+                    p = e.owner._parameters[e.attr]
+                    assert p is not None
+                    self._held[e.name] = p.data
+                    p.data = sh
+                else:
+                    self._held[e.name] = e.owner._buffers[e.attr]  # type: ignore[assignment]
+                    e.owner._buffers[e.attr] = sh
+            else:
+                live = self._source_of(e)
+                backup = self._backup.get(e.name)
+                if backup is None or backup.shape != live.shape or backup.dtype != live.dtype:
+                    backup = torch.empty_like(live)
+                    self._backup[e.name] = backup
+                copy_dst.append(live)
+                copy_src.append(sh)
+                backups.append(backup)
+        if copy_dst:
+            torch._foreach_copy_(backups, copy_dst)
+            torch._foreach_copy_(copy_dst, copy_src)
+        self._swapped = True
+
+    @torch.no_grad()
+    def swap_out(self) -> None:
+        """Put the training weights back; idempotent."""
+        if not self._swapped:
+            return
+        copy_dst: list[torch.Tensor] = []
+        copy_src: list[torch.Tensor] = []
+        for e in self._entries:
+            held = self._held.pop(e.name, None)
+            if held is not None:
+                if e.is_param:
+                    p = e.owner._parameters[e.attr]
+                    assert p is not None
+                    self.shadow[e.name] = p.data
+                    p.data = held
+                else:
+                    self.shadow[e.name] = e.owner._buffers[e.attr]  # type: ignore[assignment]
+                    e.owner._buffers[e.attr] = held
+            else:
+                copy_dst.append(self._source_of(e))
+                copy_src.append(self._backup[e.name])
+        if copy_dst:
+            torch._foreach_copy_(copy_dst, copy_src)
+        self._swapped = False
+        self._refresh_group_shadows()
+
+    def _refresh_group_shadows(self) -> None:
+        for group in (*self._groups, *self._mixed, *self._copies):
+            group.shadows = [self.shadow[e.name] for e in group.entries]
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[None]:
+        """EMA weights in for the block, training weights back in ``finally``.
+
+        >>> m = torch.nn.Linear(1, 1); w = EMAWeights(m)
+        >>> with torch.no_grad(): _ = m.weight.fill_(5.0)
+        >>> with w.swapped(m):
+        ...     m.weight.item() != 5.0
+        True
+        >>> m.weight.item()
+        5.0
+        """
+        was = self._swapped
+        self.swap_in(model)
+        try:
+            yield
+        finally:
+            if not was:
+                self.swap_out()
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the EMA values into the model's weights (a permanent copy, not a swap)."""
+        if self._swapped:
+            raise RuntimeError("the EMA weights are swapped in; swap out before copy_to")
+        self._check_bound(model)
+        dst = [self._source_of(e) for e in self._entries]
+        src = [self.shadow[e.name] for e in self._entries]
+        torch._foreach_copy_(dst, src)
+
+    # -- view -----------------------------------------------------------------------------
+
+    def tensors_for(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The shadow keyed by ``model``'s own names, in the model's dtypes (for
+        ``torch.func.functional_call``). Shares storage where dtypes match."""
+        self._check_bound(model)
+        out: dict[str, torch.Tensor] = {}
+        for e in self._entries:
+            sh = self.shadow[e.name]
+            live = self._source_of(e)
+            out[e.model_name] = sh if (sh.dtype == live.dtype and sh.device == live.device) else sh.to(live.device, live.dtype)
+        return out
+
+    def functional_call(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run ``model(*args, **kwargs)`` with the EMA weights, leaving the model untouched.
+
+        >>> m = torch.nn.Linear(1, 1, bias=False); w = EMAWeights(m)
+        >>> with torch.no_grad(): _ = m.weight.fill_(3.0)
+        >>> float(w.functional_call(m, torch.ones(1, 1))) == float(w.shadow['weight'])
+        True
+        """
+        if self._swapped:
+            return model(*args, **kwargs)
+        root = unwrap_model(model)
+        tensors = self.tensors_for(model)
+        return torch.func.functional_call(root, tensors, args, kwargs, strict=False)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: shadow tensor}`` (the live tensors; clone before mutating)."""
+        return {name: self.shadow[name] for name in self.names}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy saved shadows in (cast to this EMA's dtype and device). With ``strict``,
+        mismatched names raise ``ValueError`` listing the missing and unexpected ones."""
+        if self._swapped:
+            raise RuntimeError("cannot load while the EMA weights are swapped in")
+        missing = sorted(set(self.shadow) - set(state))
+        unexpected = sorted(set(state) - set(self.shadow))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"EMA state does not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        for name, value in state.items():
+            if name not in self.shadow:
+                continue
+            target = self.shadow[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"EMA state for {name!r} has shape {tuple(value.shape)}; expected {tuple(target.shape)}"
+                )
+            target.copy_(_local(value))
