@@ -128,7 +128,62 @@ class EMAController:
         self.train_with_ema_weights = train_with_ema_weights
         self.weights: EMAWeights | None = None
         self._pending: dict[str, torch.Tensor] | None = None
+        self._pending_training: dict[str, torch.Tensor] | None = None
         self._final_swap = False
+
+    @classmethod
+    def create(
+        cls,
+        half_life: str | float | None = None,
+        smoothing: float | None = None,
+        sigma_rel: float | None = None,
+        update_interval: str | None = None,
+        start: str = "0ba",
+        warmup: str = "none",
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        rampup_ratio: float | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        trainable_only: bool = True,
+        buffers: str = "average",
+        dtype: str | None = None,
+        device: str | None = None,
+        nonfinite: str = "skip",
+        final_weights: str = "ema",
+        eval_with_ema: bool = True,
+        train_with_ema_weights: bool = False,
+    ) -> EMAController:
+        """Build a controller from the plain options every adapter exposes (all validated
+        here, at construction).
+
+        >>> EMAController.create(half_life='50ba', buffers='copy').schedule.describe()
+        'half_life=50ba'
+        """
+        schedule = Schedule(
+            half_life=half_life,
+            smoothing=smoothing,
+            sigma_rel=sigma_rel,
+            update_interval=update_interval,
+            start=start,
+            warmup=warmup,
+            warmup_gamma=warmup_gamma,
+            warmup_power=warmup_power,
+            rampup_ratio=rampup_ratio,
+        )
+        return cls(
+            schedule,
+            include=include,
+            exclude=exclude,
+            trainable_only=trainable_only,
+            buffers=buffers,
+            dtype=dtype,
+            device=device,
+            nonfinite=nonfinite,
+            final_weights=final_weights,
+            eval_with_ema=eval_with_ema,
+            train_with_ema_weights=train_with_ema_weights,
+        )
 
     # -- properties -----------------------------------------------------------------------
 
@@ -190,6 +245,9 @@ class EMAController:
         if self._pending is not None:
             self.weights.load_state_dict(self._pending)
             self._pending = None
+        if self._pending_training is not None:
+            self.weights.load_training_(self._pending_training)
+            self._pending_training = None
         return self.weights
 
     def fit_start(self, model: nn.Module, clock: Clock | None = None, hint: str = "") -> None:
@@ -277,23 +335,34 @@ class EMAController:
         weights = {k: (str(v) if k in ("dtype", "device") and v is not None else v) for k, v in self.weights_kwargs.items()}
         return {"schedule": self.schedule.config(), "weights": weights}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Versioned and name-keyed: ``{format, version, config, schedule, shadow}``.
+    def state_dict(self, training: bool | None = None) -> dict[str, Any]:
+        """Versioned and name-keyed: ``{format, version, config, schedule, shadow,
+        weights_active}``, plus ``training`` (the training weights) when ``training`` is True,
+        or when it is None and the EMA is swapped in (then the model holds the EMA, so a
+        checkpoint of the model alone would lose the training weights).
 
-        ``shadow`` holds clones, so the result is safe to keep while training goes on.
+        Tensors are clones, so the result is safe to keep while training goes on.
         """
         shadow: dict[str, torch.Tensor] = {}
         if self.weights is not None:
             shadow = {k: v.detach().clone() for k, v in self.weights.state_dict().items()}
         elif self._pending is not None:
             shadow = dict(self._pending)
-        return {
+        state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": self.config(),
             "schedule": self.state.to_dict(),
             "shadow": shadow,
+            "weights_active": self.weights_active,
         }
+        if training is None:
+            training = self.weights_active == "ema"
+        if training and self.weights is not None:
+            state["training"] = {
+                k: v.detach().clone() for k, v in self.weights.training_state_dict().items()
+            }
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Before the shadow exists the tensors are kept and
@@ -311,12 +380,17 @@ class EMAController:
             )
         self.state = ScheduleState.from_dict(state.get("schedule", {}))
         shadow = dict(state.get("shadow", {}))
+        training = state.get("training")
         if self.weights is not None:
             was = self.weights.is_swapped
             if was:
                 self.weights.swap_out()
             self.weights.load_state_dict(shadow)
-            if was:
+            if training is not None:
+                # The model slot of this checkpoint held EMA weights: put training weights back.
+                self.weights.load_training_(training)
+            elif was:
                 self.weights.swap_in()
         else:
             self._pending = shadow
+            self._pending_training = None if training is None else dict(training)

@@ -583,6 +583,31 @@ class EMAWeights:
         src = [self.shadow[e.name] for e in self._entries]
         torch._foreach_copy_(dst, src)
 
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        """The training weights of the tracked tensors by normalised name, wherever they are:
+        in the model, or held aside while the EMA is swapped in (live tensors; clone to keep)."""
+        out: dict[str, torch.Tensor] = {}
+        for e in self._entries:
+            if self._swapped:
+                out[e.name] = self._held[e.name] if e.name in self._held else self._backup[e.name]
+            else:
+                out[e.name] = self._source_of(e)
+        return out
+
+    @torch.no_grad()
+    def load_training_(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write saved training weights into the model (swapped out first). Names must match."""
+        if self._swapped:
+            self.swap_out()
+        missing = sorted(set(self.shadow) - set(state))
+        unexpected = sorted(set(state) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(
+                f"saved training weights do not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        for e in self._entries:
+            self._source_of(e).copy_(_local(state[e.name]))
+
     # -- view -----------------------------------------------------------------------------
 
     def tensors_for(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
