@@ -20,8 +20,12 @@ def _missing(module: str) -> bool:
 
 
 if _missing("composer"):
-    collect_ignore += ["ema_callbacks/composer.py", "tests/composer"]
+    collect_ignore += ["ema_callbacks/composer.py", "tests/composer", "docs/composer.md"]
 if _missing("lightning"):
-    collect_ignore += ["ema_callbacks/lightning.py", "tests/lightning"]
+    collect_ignore += ["ema_callbacks/lightning.py", "tests/lightning", "docs/lightning.md"]
 if _missing("transformers"):
-    collect_ignore += ["ema_callbacks/transformers.py", "tests/transformers"]
+    collect_ignore += [
+        "ema_callbacks/transformers.py",
+        "tests/transformers",
+        "docs/transformers.md",
+    ]

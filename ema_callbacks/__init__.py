@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMA",
     "Clock",
+    "EMA",
     "EMAController",
     "EMAWeights",
     "NonFiniteWeightsError",

@@ -46,7 +46,12 @@ from ema_callbacks.schedule import Clock, Schedule, ScheduleState
 from ema_callbacks.time_strings import TimeUnit
 from ema_callbacks.weights import BUFFER_POLICIES, NONFINITE_POLICIES, EMAWeights, _as_dtype
 
-__all__ = ["FINAL_WEIGHTS", "STATE_FORMAT", "STATE_VERSION", "EMAController"]
+__all__ = [
+    "EMAController",
+    "FINAL_WEIGHTS",
+    "STATE_FORMAT",
+    "STATE_VERSION",
+]
 
 STATE_FORMAT = "ema_callbacks"
 STATE_VERSION = 1
@@ -100,9 +105,14 @@ class EMAController:
         for name, patterns in (("include", include), ("exclude", exclude)):
             if patterns is not None and not (
                 isinstance(patterns, str)
-                or (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns))
+                or (
+                    isinstance(patterns, (list, tuple))
+                    and all(isinstance(p, str) for p in patterns)
+                )
             ):
-                raise TypeError(f"{name} must be a glob pattern or a list of them; got {patterns!r}")
+                raise TypeError(
+                    f"{name} must be a glob pattern or a list of them; got {patterns!r}"
+                )
         _as_dtype(dtype)
         if device is not None:
             try:
@@ -231,7 +241,8 @@ class EMAController:
                 raise ValueError(
                     f"the EMA schedule ({self.schedule.describe()}, update_interval="
                     f"'{self.schedule.update_interval}', start='{self.schedule.start}') uses "
-                    f"'{unit.value}' but {what} are not counted here" + (f"; {hint}" if hint else "")
+                    f"'{unit.value}' but {what} are not counted here"
+                    + (f"; {hint}" if hint else "")
                 )
 
     # -- events ---------------------------------------------------------------------------
@@ -332,7 +343,10 @@ class EMAController:
     # -- state ----------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        weights = {k: (str(v) if k in ("dtype", "device") and v is not None else v) for k, v in self.weights_kwargs.items()}
+        weights = {
+            k: (str(v) if k in ("dtype", "device") and v is not None else v)
+            for k, v in self.weights_kwargs.items()
+        }
         return {"schedule": self.schedule.config(), "weights": weights}
 
     def state_dict(self, training: bool | None = None) -> dict[str, Any]:

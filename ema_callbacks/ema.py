@@ -29,13 +29,17 @@ from ema_callbacks.controller import EMAController
 from ema_callbacks.schedule import Clock, Schedule
 from ema_callbacks.time_strings import Time, TimeUnit
 
-__all__ = ["EMA"]
+__all__ = [
+    "EMA",
+]
 
 
 def _count(value: Any, name: str) -> int:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a single number; got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a single number; got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
@@ -114,12 +118,18 @@ class EMA:
             if steps_per_epoch == 0:
                 raise ValueError("steps_per_epoch must be positive; got 0")
         self.steps_per_epoch = steps_per_epoch
-        self.max_duration = None if max_duration is None else Time.parse(max_duration, "max_duration")
+        self.max_duration = (
+            None if max_duration is None else Time.parse(max_duration, "max_duration")
+        )
         if self.max_duration is not None:
             if self.max_duration.unit is TimeUnit.DURATION:
-                raise ValueError(f"max_duration must be in 'ba', 'ep', 'sp' or 'tok'; got '{self.max_duration}'")
+                raise ValueError(
+                    f"max_duration must be in 'ba', 'ep', 'sp' or 'tok'; got '{self.max_duration}'"
+                )
             if self.max_duration.value == 0 or self.max_duration.is_infinite:
-                raise ValueError(f"max_duration must be positive and finite; got '{self.max_duration}'")
+                raise ValueError(
+                    f"max_duration must be positive and finite; got '{self.max_duration}'"
+                )
         if TimeUnit.DURATION in schedule.units and self.max_duration is None:
             raise ValueError(
                 "this EMA uses 'dur' times, which need the planned length of the run: "
@@ -155,7 +165,10 @@ class EMA:
             done = clock.get(self.max_duration.unit)
             if done is not None:
                 clock = Clock(
-                    clock.batch, clock.epoch, clock.sample, clock.token,
+                    clock.batch,
+                    clock.epoch,
+                    clock.sample,
+                    clock.token,
                     min(1.0, float(done) / float(self.max_duration.value)),
                 )
         return clock
@@ -183,7 +196,9 @@ class EMA:
 
     # -- events ---------------------------------------------------------------------------
 
-    def step(self, model: nn.Module | None = None, *, samples: Any = None, tokens: Any = None) -> bool:
+    def step(
+        self, model: nn.Module | None = None, *, samples: Any = None, tokens: Any = None
+    ) -> bool:
         """One optimizer step is done: update the EMA if due. Returns True if it updated.
 
         ``samples``/``tokens``: how many this step's batch held (needed when a time is in

@@ -155,7 +155,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         raise TypeError(f"sigma_rel must be a number; got {sigma_rel!r}")
     limit = math.sqrt(1.0 / 12.0)
     if not 0.0 < sigma_rel < limit:
-        raise ValueError(f"sigma_rel must be between 0 and {limit:.4f} (exclusive); got {sigma_rel!r}")
+        raise ValueError(
+            f"sigma_rel must be between 0 and {limit:.4f} (exclusive); got {sigma_rel!r}"
+        )
     t = sigma_rel**-2
 
     def cubic(g: float) -> float:
@@ -339,7 +341,11 @@ class Schedule:
     ) -> None:
         given = {
             k: v
-            for k, v in (("half_life", half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
+            for k, v in (
+                ("half_life", half_life),
+                ("smoothing", smoothing),
+                ("sigma_rel", sigma_rel),
+            )
             if v is not None
         }
         if len(given) > 1:
@@ -373,7 +379,10 @@ class Schedule:
                 self.half_life = Time.parse(half_life, "half_life")  # type: ignore[arg-type]
 
         if update_interval is None:
-            if self.half_life is not None and self.half_life.unit in (TimeUnit.BATCH, TimeUnit.EPOCH):
+            if self.half_life is not None and self.half_life.unit in (
+                TimeUnit.BATCH,
+                TimeUnit.EPOCH,
+            ):
                 update_interval = Time(1, self.half_life.unit)
             else:
                 update_interval = Time(1, TimeUnit.BATCH)
@@ -455,6 +464,8 @@ class Schedule:
 
     def due(self, clock: Clock, state: ScheduleState) -> Update | None:
         """The update due at ``clock``, or ``None``. Does not change ``state``."""
+        for needed in self.units:
+            self._now(clock, needed)  # every unit the schedule uses must be counted
         unit = self.update_interval.unit
         interval = self.update_interval.value
         now = self._now(clock, unit)

@@ -36,7 +36,10 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["Time", "TimeUnit"]
+__all__ = [
+    "Time",
+    "TimeUnit",
+]
 
 
 class TimeUnit(str, enum.Enum):
@@ -93,9 +96,7 @@ class Time:
                 unit = _UNITS[unit.lower()]
                 object.__setattr__(self, "unit", unit)
             else:
-                raise ValueError(
-                    f"Time unit must be one of {sorted(_UNITS)}; got {self.unit!r}"
-                )
+                raise ValueError(f"Time unit must be one of {sorted(_UNITS)}; got {self.unit!r}")
         value = self.value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"Time value must be a number; got {value!r}")

@@ -100,7 +100,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]
         else:
             break
     return model
@@ -134,9 +134,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lerp_(
-    shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight: float
-) -> None:
+def lerp_(shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight: float) -> None:
     """``shadow[i] += weight * (source[i] - shadow[i])`` for same-device, same-dtype lists.
 
     One fused multi-tensor call; ``weight == 1`` copies.
@@ -169,7 +167,9 @@ class _Group:
     def __init__(self, entries: list[_Entry], shadows: list[torch.Tensor]) -> None:
         self.entries = entries
         self.shadows = shadows
-        self.params = [e.owner._parameters[e.attr] for e in entries] if entries[0].is_param else None
+        self.params = (
+            [e.owner._parameters[e.attr] for e in entries] if entries[0].is_param else None
+        )
 
     def sources(self) -> list[torch.Tensor]:
         if self.params is not None:
@@ -232,7 +232,9 @@ class EMAWeights:
         try:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must be a torch device like 'cpu' or 'cuda:0'; got {device!r}") from err
+            raise ValueError(
+                f"device must be a torch device like 'cpu' or 'cuda:0'; got {device!r}"
+            ) from err
         self.nonfinite = nonfinite
 
         self.shadow: dict[str, torch.Tensor] = {}
@@ -271,7 +273,9 @@ class EMAWeights:
     def _selected(self, name: str) -> bool:
         if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return False
-        return not (self.exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+        return not (
+            self.exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+        )
 
     def _select(self, model: nn.Module) -> list[_Entry]:
         root = unwrap_model(model)
@@ -414,7 +418,9 @@ class EMAWeights:
         self._check_bound(model)
         if self.nonfinite != "ignore" and weight > 0.0 and not self._all_finite():
             if self.nonfinite == "error":
-                raise NonFiniteWeightsError("the model's weights hold NaN or Inf; EMA update refused")
+                raise NonFiniteWeightsError(
+                    "the model's weights hold NaN or Inf; EMA update refused"
+                )
             return False
         for group in self._groups:
             lerp_(group.shadows, group.sources(), weight)
@@ -451,10 +457,12 @@ class EMAWeights:
             if batch_s:
                 torch._foreach_copy_(batch_x, batch_p, non_blocking=True)
                 lerp_(batch_s, batch_x, weight)
-                batch_s.clear(), batch_p.clear(), batch_x.clear()
+                batch_s.clear()
+                batch_p.clear()
+                batch_x.clear()
             used = 0
 
-        for sh, src in zip(shadows, sources):
+        for sh, src in zip(shadows, sources, strict=True):
             n = sh.numel()
             if n == 0:
                 continue
@@ -618,7 +626,11 @@ class EMAWeights:
         for e in self._entries:
             sh = self.shadow[e.name]
             live = self._source_of(e)
-            out[e.model_name] = sh if (sh.dtype == live.dtype and sh.device == live.device) else sh.to(live.device, live.dtype)
+            out[e.model_name] = (
+                sh
+                if (sh.dtype == live.dtype and sh.device == live.device)
+                else sh.to(live.device, live.dtype)
+            )
         return out
 
     def functional_call(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
