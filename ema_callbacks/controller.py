@@ -63,7 +63,7 @@ class EMAController:
 
     Args:
         schedule: when to update and with which smoothing.
-        include, exclude, trainable_only, buffers, dtype, device, nonfinite: passed to
+        include, exclude, trainable_only, buffers, dtype, device, nonfinite, stream: passed to
             :class:`~ema_callbacks.weights.EMAWeights` (validated here, at construction).
         final_weights: which weights the model holds after ``fit_end``: ``'ema'`` (default)
             or ``'training'``.
@@ -82,7 +82,8 @@ class EMAController:
         buffers: str = "average",
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
-        nonfinite: str = "skip",
+        nonfinite: str = "ignore",
+        stream: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         train_with_ema_weights: bool = False,
@@ -96,6 +97,7 @@ class EMAController:
         if final_weights not in FINAL_WEIGHTS:
             raise ValueError(f"final_weights must be one of {FINAL_WEIGHTS}; got {final_weights!r}")
         for flag, value in (
+            ("stream", stream),
             ("trainable_only", trainable_only),
             ("eval_with_ema", eval_with_ema),
             ("train_with_ema_weights", train_with_ema_weights),
@@ -132,6 +134,7 @@ class EMAController:
             "dtype": dtype,
             "device": device,
             "nonfinite": nonfinite,
+            "stream": stream,
         }
         self.final_weights = final_weights
         self.eval_with_ema = eval_with_ema
@@ -159,7 +162,8 @@ class EMAController:
         buffers: str = "average",
         dtype: str | None = None,
         device: str | None = None,
-        nonfinite: str = "skip",
+        nonfinite: str = "ignore",
+        stream: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         train_with_ema_weights: bool = False,
@@ -190,6 +194,7 @@ class EMAController:
             dtype=dtype,
             device=device,
             nonfinite=nonfinite,
+            stream=stream,
             final_weights=final_weights,
             eval_with_ema=eval_with_ema,
             train_with_ema_weights=train_with_ema_weights,

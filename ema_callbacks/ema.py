@@ -64,7 +64,7 @@ class EMA:
         start: progress before which the EMA just follows the model (not swapped in).
         warmup, warmup_gamma, warmup_power, rampup_ratio: see
             :class:`~ema_callbacks.schedule.Schedule`.
-        include, exclude, trainable_only, buffers, dtype, device, nonfinite: see
+        include, exclude, trainable_only, buffers, dtype, device, nonfinite, stream: see
             :class:`~ema_callbacks.weights.EMAWeights`.
         steps_per_epoch: steps in one epoch, for fractional epochs (``'0.25ep'``) without
             waiting for :meth:`end_epoch`.
@@ -96,7 +96,8 @@ class EMA:
         buffers: str = "average",
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
-        nonfinite: str = "skip",
+        nonfinite: str = "ignore",
+        stream: bool = False,
         steps_per_epoch: int | None = None,
         max_duration: str | None = None,
     ) -> None:
@@ -144,6 +145,7 @@ class EMA:
             dtype=dtype,
             device=device,
             nonfinite=nonfinite,
+            stream=stream,
         )
         self.controller.fit_start(model)
         self._batch = 0

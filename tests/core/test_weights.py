@@ -241,7 +241,8 @@ def test_load_state_dict_casts_to_shadow_dtype() -> None:
 
 def test_nonfinite_guard() -> None:
     model = net()
-    w = EMAWeights(model)
+    assert EMAWeights(model).nonfinite == "ignore"  # opt-in: the check costs a read per update
+    w = EMAWeights(model, nonfinite="skip")
     before = {k: v.clone() for k, v in w.shadow.items()}
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")  # type: ignore[index]
@@ -303,3 +304,55 @@ def test_device_argument_validated() -> None:
     assert w.shadow["0.weight"].device.type == "cpu"
     with pytest.raises(ValueError, match="dtype must be one of"):
         EMAWeights(net(), dtype="int8")
+
+
+def test_stream_option_is_ignored_on_cpu() -> None:
+    model = net()
+    a, b = EMAWeights(model), EMAWeights(model, stream=True)
+    perturb(model)
+    a.update_(0.3)
+    b.update_(0.3)
+    for k in a.shadow:
+        assert torch.equal(a.shadow[k], b.shadow[k])
+    with pytest.raises(TypeError, match="stream must be True or False"):
+        EMAWeights(model, stream="yes")  # type: ignore[arg-type]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_side_stream_matches_default_stream() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 4)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain, streamed = EMAWeights(model), EMAWeights(model, stream=True)
+    for _ in range(20):
+        loss = model(torch.randn(64, 256, device="cuda")).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # the global optimizer hook waits for the streamed update of the last step
+        plain.update_(0.1)
+        streamed.update_(0.1)
+    streamed.synchronize()
+    for k in plain.shadow:
+        assert torch.equal(plain.shadow[k], streamed.shadow[k]), k
+
+
+@cuda
+def test_cuda_offloaded_shadow_matches_on_device_shadow() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512).cuda().to(torch.bfloat16)
+    on_device, offloaded = EMAWeights(model), EMAWeights(model, device="cpu")
+    assert offloaded.shadow["weight"].is_pinned()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    on_device.update_(0.25)
+    offloaded.update_(0.25)
+    assert torch.equal(on_device.shadow["weight"].cpu(), offloaded.shadow["weight"])
+    raw = model.weight.detach().clone()
+    before = torch.cuda.memory_allocated()
+    with offloaded.swapped(model):
+        assert torch.equal(model.weight, offloaded.shadow["weight"].to("cuda", torch.bfloat16))
+        assert torch.cuda.memory_allocated() == before  # the backup lives on the CPU
+    assert torch.equal(model.weight, raw)
