@@ -279,6 +279,11 @@ class EMAWeights:
         self._backup: dict[str, torch.Tensor] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._scratch_numel = _SCRATCH_MIN
+        # FSDP2 / DTensor weights: (mesh, placements, global shape, global stride) by name. The
+        # shadow holds the rank-local shard only; these rebuild the global view on export.
+        self._dtensor_specs: dict[
+            str, tuple[Any, tuple[Any, ...], torch.Size, tuple[int, ...]]
+        ] = {}
 
         entries = self._select(model)
         if not entries:
@@ -384,6 +389,16 @@ class EMAWeights:
                 )
         self._entries = entries
         self._bound = model
+        self._dtensor_specs = {}
+        for e in entries:
+            live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
+            if live is not None and _is_dtensor(live):
+                self._dtensor_specs[e.name] = (
+                    live.device_mesh,  # type: ignore[attr-defined]
+                    tuple(live.placements),  # type: ignore[attr-defined]
+                    live.shape,
+                    live.stride(),
+                )
         groups: dict[tuple[Any, ...], list[_Entry]] = {}
         for e in entries:
             src, sh = self._source_of(e), self.shadow[e.name]
@@ -500,7 +515,9 @@ class EMAWeights:
             self._pending_event = None
             _STREAMED.discard(self)
 
-    def _scratch_for(self, device: torch.device, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    def _scratch_for(
+        self, device: torch.device, dtype: torch.dtype, pin: bool = False
+    ) -> torch.Tensor:
         key = (device, dtype)
         buf = self._scratch.get(key)
         if buf is None:
@@ -523,6 +540,7 @@ class EMAWeights:
         def arrived() -> None:
             if offload:
                 torch.cuda.current_stream(sources[0].device).synchronize()
+
         cap = scratch.numel()
         batch_s: list[torch.Tensor] = []
         batch_p: list[torch.Tensor] = []
@@ -702,7 +720,7 @@ class EMAWeights:
                 f"saved training weights do not match the model: missing {missing}, unexpected {unexpected}"
             )
         for e in self._entries:
-            self._source_of(e).copy_(_local(state[e.name]))
+            self._source_of(e).copy_(self._local_part(e.name, state[e.name]))
 
     # -- view -----------------------------------------------------------------------------
 
@@ -743,6 +761,55 @@ class EMAWeights:
         self.synchronize()
         return {name: self.shadow[name] for name in self.names}
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether any tracked weight is a DTensor (FSDP2): the shadow then holds local shards."""
+        return bool(self._dtensor_specs)
+
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow as DTensors over the local shards (no copy, no communication), for
+        ``torch.distributed.checkpoint.save``/``load``: loading writes into the shadow in place.
+        Unsharded entries are plain tensors."""
+        from torch.distributed.tensor import DTensor
+
+        self.synchronize()
+        out: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            spec = self._dtensor_specs.get(name)
+            if spec is None:
+                out[name] = self.shadow[name]
+            else:
+                mesh, placements, shape, stride = spec
+                out[name] = DTensor.from_local(
+                    self.shadow[name], mesh, placements, run_check=False, shape=shape, stride=stride
+                )
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole (unsharded) EMA on every rank: the one place sharded weights are gathered
+        (one all-gather per sharded tensor). For export; never called by updates or swaps."""
+        out: dict[str, torch.Tensor] = {}
+        for name, value in self.sharded_state_dict().items():
+            out[name] = value.full_tensor() if _is_dtensor(value) else value  # type: ignore[attr-defined]
+        return out
+
+    def _local_part(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The rank-local part of a saved value: a DTensor's local tensor, the local slice of a
+        full (gathered) tensor for a sharded entry, the value itself otherwise."""
+        if _is_dtensor(value):
+            return value.to_local()  # type: ignore[attr-defined]
+        spec = self._dtensor_specs.get(name)
+        if spec is None:
+            return value
+        mesh, placements, shape, _ = spec
+        if tuple(value.shape) != tuple(shape):
+            return value  # already local, or wrong (the caller reports the shape mismatch)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+        index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
+        return value[index]
+
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Copy saved shadows in (cast to this EMA's dtype and device). With ``strict``,
@@ -760,8 +827,9 @@ class EMAWeights:
             if name not in self.shadow:
                 continue
             target = self.shadow[name]
-            if tuple(value.shape) != tuple(target.shape):
+            local = self._local_part(name, value)
+            if tuple(local.shape) != tuple(target.shape):
                 raise ValueError(
                     f"EMA state for {name!r} has shape {tuple(value.shape)}; expected {tuple(target.shape)}"
                 )
-            target.copy_(_local(value))
+            target.copy_(local)
