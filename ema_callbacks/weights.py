@@ -314,6 +314,13 @@ class EMAWeights:
 
     def _select(self, model: nn.Module) -> list[_Entry]:
         root = unwrap_model(model)
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in root.modules()):
+            raise ValueError(
+                "FSDP1 (FullyShardedDataParallel) is not supported: its flat parameters hide the "
+                "weights' names and shapes, and averaging them whole would mean an all-gather on "
+                "every update. Shard with FSDP2 (torch.distributed.fsdp.fully_shard), whose EMA "
+                "is kept shard-local here with no communication per update"
+            )
         entries: list[_Entry] = []
         seen: set[int] = set()
         for module_name, module in root.named_modules(remove_duplicate=True):

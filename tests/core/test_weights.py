@@ -356,3 +356,13 @@ def test_cuda_offloaded_shadow_matches_on_device_shadow() -> None:
         assert torch.equal(model.weight, offloaded.shadow["weight"].to("cuda", torch.bfloat16))
         assert torch.cuda.memory_allocated() == before  # the backup lives on the CPU
     assert torch.equal(model.weight, raw)
+
+
+def test_fsdp1_refused_with_alternative_named() -> None:
+    class FullyShardedDataParallel(nn.Module):  # stands in for the FSDP1 wrapper's class
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    with pytest.raises(ValueError, match="fully_shard"):
+        EMAWeights(FullyShardedDataParallel(nn.Linear(2, 2)))
