@@ -38,12 +38,24 @@ from torch import nn
 DECAY = 0.999
 
 CASES: dict[str, dict[str, Any]] = {
-    "a": {"n": 50, "size": 2_000_000, "dtype": torch.float32,
-          "label": "(a) 100M float32 parameters in 50 tensors of 2M"},
-    "b": {"n": 2000, "size": 4096, "dtype": torch.float32,
-          "label": "(b) 8.2M float32 parameters in 2,000 tensors of 4,096"},
-    "c": {"n": 50, "size": 1_000_000, "dtype": torch.bfloat16,
-          "label": "(c) 50M bfloat16 parameters in 50 tensors of 1M"},
+    "a": {
+        "n": 50,
+        "size": 2_000_000,
+        "dtype": torch.float32,
+        "label": "(a) 100M float32 parameters in 50 tensors of 2M",
+    },
+    "b": {
+        "n": 2000,
+        "size": 4096,
+        "dtype": torch.float32,
+        "label": "(b) 8.2M float32 parameters in 2,000 tensors of 4,096",
+    },
+    "c": {
+        "n": 50,
+        "size": 1_000_000,
+        "dtype": torch.bfloat16,
+        "label": "(c) 50M bfloat16 parameters in 50 tensors of 1M",
+    },
 }
 
 
@@ -81,17 +93,27 @@ def _ours(model: nn.Module, guard: bool) -> Impl:
         state["in"] = not state["in"]
 
     dtype = str(next(iter(w.shadow.values())).dtype).replace("torch.", "")
-    name = "ema_callbacks EMAWeights.update_ (default: non-finite guard on)" if guard else (
-        "ema_callbacks EMAWeights.update_ (nonfinite='ignore')")
+    name = (
+        "ema_callbacks EMAWeights.update_ (default: non-finite guard on)"
+        if guard
+        else ("ema_callbacks EMAWeights.update_ (nonfinite='ignore')")
+    )
     return Impl(name, dtype, lambda: w.update_(1 - DECAY), swap, peer=False)
 
 
 def _floor(model: nn.Module) -> Impl:
     params = list(model.parameters())
-    shadow_dtype = torch.float32 if params[0].dtype in (torch.bfloat16, torch.float16) else params[0].dtype
+    shadow_dtype = (
+        torch.float32 if params[0].dtype in (torch.bfloat16, torch.float16) else params[0].dtype
+    )
     shadow = [p.detach().to(shadow_dtype, copy=True) for p in params]
     label = "floor: torch._foreach_add_(shadow, params)"
-    return Impl(label, str(shadow_dtype).replace("torch.", ""), lambda: torch._foreach_add_(shadow, params), peer=False)
+    return Impl(
+        label,
+        str(shadow_dtype).replace("torch.", ""),
+        lambda: torch._foreach_add_(shadow, params),
+        peer=False,
+    )
 
 
 def _composer(model: nn.Module) -> Impl:
@@ -99,8 +121,12 @@ def _composer(model: nn.Module) -> Impl:
 
     ema = EMAParameters(model)
     dtype = str(next(iter(ema.named_parameters_dict.values())).dtype).replace("torch.", "")
-    return Impl("Composer compute_ema + EMAParameters.swap_params", dtype,
-                lambda: compute_ema(model, ema, smoothing=DECAY), lambda: ema.swap_params(model))
+    return Impl(
+        "Composer compute_ema + EMAParameters.swap_params",
+        dtype,
+        lambda: compute_ema(model, ema, smoothing=DECAY),
+        lambda: ema.swap_params(model),
+    )
 
 
 def _lightning(model: nn.Module) -> Impl:
@@ -112,8 +138,12 @@ def _lightning(model: nn.Module) -> Impl:
     callback = EMAWeightAveraging(decay=DECAY)
     callback._average_model = averaged
     dtype = str(next(averaged.module.parameters()).dtype).replace("torch.", "")
-    return Impl("Lightning EMAWeightAveraging (AveragedModel avg_fn path) + _swap_models", dtype,
-                lambda: averaged.update_parameters(model), lambda: callback._swap_models(model))
+    return Impl(
+        "Lightning EMAWeightAveraging (AveragedModel avg_fn path) + _swap_models",
+        dtype,
+        lambda: averaged.update_parameters(model),
+        lambda: callback._swap_models(model),
+    )
 
 
 def _swa_multi(model: nn.Module) -> Impl:
@@ -122,8 +152,11 @@ def _swa_multi(model: nn.Module) -> Impl:
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
     averaged.update_parameters(model)
     dtype = str(next(averaged.module.parameters()).dtype).replace("torch.", "")
-    return Impl("torch AveragedModel(multi_avg_fn=get_ema_multi_avg_fn)", dtype,
-                lambda: averaged.update_parameters(model))
+    return Impl(
+        "torch AveragedModel(multi_avg_fn=get_ema_multi_avg_fn)",
+        dtype,
+        lambda: averaged.update_parameters(model),
+    )
 
 
 def _timm(model: nn.Module, fp32: bool = False) -> Impl:
@@ -144,8 +177,15 @@ def _ema_pytorch(model: nn.Module, fp32: bool = False) -> Impl:
     kwargs: dict[str, Any] = {}
     if fp32:
         kwargs = {"ema_model": copy.deepcopy(model).float(), "coerce_dtype": True}
-    ema = EMA(model, beta=DECAY, update_after_step=0, update_every=1, use_foreach=True,
-              include_online_model=False, **kwargs)
+    ema = EMA(
+        model,
+        beta=DECAY,
+        update_after_step=0,
+        update_every=1,
+        use_foreach=True,
+        include_online_model=False,
+        **kwargs,
+    )
     ema.update()
     ema.update()  # initialise
     dtype = str(next(ema.ema_model.parameters()).dtype).replace("torch.", "")
@@ -210,12 +250,14 @@ def builders(case_key: str) -> dict[str, Callable[[nn.Module], Impl]]:
         "torch_ema": _torch_ema,
     }
     if CASES[case_key]["dtype"] is torch.bfloat16:
-        rows.update({
-            "timm_fp32": lambda m: _timm(m, True),
-            "ema_pytorch_fp32": lambda m: _ema_pytorch(m, True),
-            "diffusers_fp32": lambda m: _diffusers(m, True),
-            "torch_ema_fp32": lambda m: _torch_ema(m, True),
-        })
+        rows.update(
+            {
+                "timm_fp32": lambda m: _timm(m, True),
+                "ema_pytorch_fp32": lambda m: _ema_pytorch(m, True),
+                "diffusers_fp32": lambda m: _diffusers(m, True),
+                "torch_ema_fp32": lambda m: _torch_ema(m, True),
+            }
+        )
     return rows
 
 
@@ -253,10 +295,14 @@ def mem_child(case_key: str, row: str, quick: bool) -> None:
     print(json.dumps({"update": update_mib, "swap": swap_mib}))
 
 
-def measure_memory(case_key: str, rows: list[str], quick: bool) -> dict[str, dict[str, float | None]]:
+def measure_memory(
+    case_key: str, rows: list[str], quick: bool
+) -> dict[str, dict[str, float | None]]:
     out = {}
     for row in rows:
-        cmd = [sys.executable, __file__, "--mem-child", case_key, row] + (["--quick"] if quick else [])
+        cmd = [sys.executable, __file__, "--mem-child", case_key, row] + (
+            ["--quick"] if quick else []
+        )
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             out[row] = {"update": None, "swap": None, "error": res.stderr.strip().splitlines()[-1:]}
@@ -299,12 +345,24 @@ def run_case(case_key: str, rounds: int, quick: bool, memory: bool) -> dict[str,
     updates = time_rows(impls, rounds, "update")
     swaps = time_rows(impls, max(rounds, 15), "swap")
     mem = measure_memory(case_key, list(impls), quick) if memory else {}
-    shadow_mib = numel * (4 if case["dtype"] is torch.bfloat16 else torch.finfo(case["dtype"]).bits // 8) / 2**20
+    shadow_mib = (
+        numel
+        * (4 if case["dtype"] is torch.bfloat16 else torch.finfo(case["dtype"]).bits // 8)
+        / 2**20
+    )
     del impls
     gc.collect()
-    return {"key": case_key, "label": case["label"], "numel": numel, "updates": updates,
-            "swaps": swaps, "memory": mem, "errors": errors, "shadow_mib": shadow_mib,
-            "names": {k: v for k, v in builders(case_key).items()}}
+    return {
+        "key": case_key,
+        "label": case["label"],
+        "numel": numel,
+        "updates": updates,
+        "swaps": swaps,
+        "memory": mem,
+        "errors": errors,
+        "shadow_mib": shadow_mib,
+        "names": {k: v for k, v in builders(case_key).items()},
+    }
 
 
 def _median(xs: list[float]) -> float:
@@ -337,17 +395,15 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
     for res in results:
         updates, swaps, mem = res["updates"], res["swaps"], res["memory"]
         floor = _median(updates["floor"])
-        lines += [f"## {res['label']}", "",
-                  "| implementation | shadow | update median ms | min | max | x floor | peak extra MiB | extra / shadow | swap ms |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        built = {}
-        for key, build in res["names"].items():
-            if key in res["errors"]:
-                lines.append(f"| {key} | | error: {res['errors'][key]} | | | | | | |")
-                continue
-            built[key] = key
-        # names come from the Impl objects; rebuild lightweight labels from the first line of each
-        for key in built:
+        lines += [
+            f"## {res['label']}",
+            "",
+            "| implementation | shadow | update median ms | min | max | x floor | peak extra MiB | extra / shadow | swap ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, error in res["errors"].items():
+            lines.append(f"| {key} | | error: {error} | | | | | | |")
+        for key in res["labels"]:
             ts = updates[key]
             med = _median(ts)
             m = mem.get(key, {})
@@ -367,37 +423,72 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
         ours = _median(updates["ours"])
         ours_ng = _median(updates["ours_noguard"])
         target = 1.5 if res["key"] == "c" else 1.15
-        checks.append((f"({res['key']}) update <= {target}x floor, guard off",
-                       ours_ng / floor <= target, f"{ours_ng / floor:.2f}x"))
-        checks.append((f"({res['key']}) update <= {target}x floor, default (guard on)",
-                       ours / floor <= target, f"{ours / floor:.2f}x"))
+        checks.append(
+            (
+                f"({res['key']}) update <= {target}x floor, guard off",
+                ours_ng / floor <= target,
+                f"{ours_ng / floor:.2f}x",
+            )
+        )
+        checks.append(
+            (
+                f"({res['key']}) update <= {target}x floor, default (guard on)",
+                ours / floor <= target,
+                f"{ours / floor:.2f}x",
+            )
+        )
         if "composer" in updates:
             comp = _median(updates["composer"])
-            checks.append((f"({res['key']}) >= 3x faster than Composer compute_ema (default)",
-                           comp / ours >= 3, f"{comp / ours:.2f}x"))
-        peers = {k: _median(v) for k, v in updates.items()
-                 if k not in ("ours", "ours_noguard", "floor")}
+            checks.append(
+                (
+                    f"({res['key']}) >= 3x faster than Composer compute_ema (default)",
+                    comp / ours >= 3,
+                    f"{comp / ours:.2f}x",
+                )
+            )
+        peers = {
+            k: _median(v) for k, v in updates.items() if k not in ("ours", "ours_noguard", "floor")
+        }
         # peers whose shadow cannot hold the EMA (bf16 shadow) are not like for like in case (c)
         if res["key"] == "c":
             peers = {k: v for k, v in peers.items() if res["dtypes"][k] == "float32"}
         if peers:
             best = min(peers, key=lambda k: peers[k])
-            checks.append((f"({res['key']}) no slower than the fastest peer ({res['labels'][best]}, "
-                           f"{peers[best]:.3g} ms), guard off", ours_ng <= peers[best] * 1.0,
-                           f"{ours_ng / peers[best]:.2f}x"))
-            checks.append((f"({res['key']}) no slower than the fastest peer, default (guard on)",
-                           ours <= peers[best], f"{ours / peers[best]:.2f}x"))
+            checks.append(
+                (
+                    f"({res['key']}) no slower than the fastest peer ({res['labels'][best]}, "
+                    f"{peers[best]:.3g} ms), guard off",
+                    ours_ng <= peers[best] * 1.0,
+                    f"{ours_ng / peers[best]:.2f}x",
+                )
+            )
+            checks.append(
+                (
+                    f"({res['key']}) no slower than the fastest peer, default (guard on)",
+                    ours <= peers[best],
+                    f"{ours / peers[best]:.2f}x",
+                )
+            )
         if mem.get("ours", {}).get("update") is not None:
             frac = mem["ours"]["update"] / res["shadow_mib"]
-            checks.append((f"({res['key']}) peak extra memory during update <= 5% of shadow",
-                           frac <= 0.05, f"{100 * frac:.2f}%"))
+            checks.append(
+                (
+                    f"({res['key']}) peak extra memory during update <= 5% of shadow",
+                    frac <= 0.05,
+                    f"{100 * frac:.2f}%",
+                )
+            )
         if res["key"] == "a":
             ours_swap = _median(swaps["ours"])
-            checks.append(("(a) swap < 1 ms for 100M parameters", ours_swap < 1.0, f"{ours_swap:.3f} ms"))
+            checks.append(
+                ("(a) swap < 1 ms for 100M parameters", ours_swap < 1.0, f"{ours_swap:.3f} ms")
+            )
             for peer in ("composer", "lightning"):
                 if peer in swaps:
                     ratio = _median(swaps[peer]) / ours_swap
-                    checks.append((f"(a) swap >= 100x faster than {peer}", ratio >= 100, f"{ratio:.0f}x"))
+                    checks.append(
+                        (f"(a) swap >= 100x faster than {peer}", ratio >= 100, f"{ratio:.0f}x")
+                    )
     lines += ["## Targets (from this run)", "", "| target | met | measured |", "|---|---|---|"]
     for name, ok, value in checks:
         lines.append(f"| {name} | {'yes' if ok else '**no**'} | {value} |")

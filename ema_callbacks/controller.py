@@ -411,5 +411,6 @@ class EMAController:
             elif was:
                 self.weights.swap_in()
         else:
-            self._pending = shadow
+            # A state saved before the shadow existed has no tensors: nothing to apply later.
+            self._pending = shadow or None
             self._pending_training = None if training is None else dict(training)

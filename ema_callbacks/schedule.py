@@ -530,6 +530,23 @@ class Schedule:
             last.update({k: v for k, v in state.last.items() if k.startswith("start_")})
         state.last = last
 
+    def resumed_state(self, clock: Clock) -> ScheduleState:
+        """The state of a started EMA whose last update was at the latest interval multiple at
+        or before ``clock``: what a checkpoint from an EMA that updates on every multiple
+        (Composer's) implies, since it does not store when it last updated.
+
+        >>> Schedule(half_life='10ba', update_interval='4ba').resumed_state(Clock(batch=10)).last['ba']
+        8.0
+        """
+        last = clock.as_dict()
+        interval = self.update_interval
+        now = clock.get(interval.unit)
+        if now is not None:
+            last[interval.unit.value] = float(
+                math.floor(now / interval.value + 1e-9) * interval.value
+            )
+        return ScheduleState(started=True, last={k: float(v) for k, v in last.items()})
+
     def skip(self, state: ScheduleState) -> None:
         """Record that a due update was skipped (non-finite weights); time is not advanced, so
         the next update's smoothing covers the skipped progress."""

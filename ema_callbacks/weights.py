@@ -425,6 +425,11 @@ class EMAWeights:
         self._scratch.clear()
 
     @property
+    def bound_model(self) -> nn.Module | None:
+        """The model whose tensors the update reads (set by :meth:`bind`)."""
+        return self._bound
+
+    @property
     def names(self) -> list[str]:
         """The tracked names, sorted."""
         return sorted(self.shadow)

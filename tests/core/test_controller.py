@@ -153,3 +153,13 @@ def test_bad_arguments(kwargs: dict, error: type[Exception], fragment: str) -> N
     assert fragment in str(info.value)
     with pytest.raises(TypeError, match="schedule must be a Schedule"):
         EMAController("50ba")  # type: ignore[arg-type]
+
+
+def test_state_saved_before_the_shadow_existed_loads() -> None:
+    # A checkpoint written before fit (no shadow yet) restores into a fresh controller.
+    state = EMAController.create(half_life="5ba").state_dict()
+    assert state["shadow"] == {}
+    model, ctl = nn.Linear(3, 3), EMAController.create(half_life="5ba")
+    ctl.load_state_dict(state)
+    ctl.fit_start(model, Clock(batch=0))
+    assert ctl.weights is not None and not ctl.started
