@@ -1,0 +1,509 @@
+"""The Hugging Face ``transformers`` adapter: :class:`EMATrainerCallback`.
+
+``Trainer(..., callbacks=[EMATrainerCallback(half_life='50ba')])`` keeps an exponential moving
+average of the model's weights, evaluates with it during training, writes it into every
+``checkpoint-N/`` and restores it on ``trainer.train(resume_from_checkpoint=...)``. All EMA
+decisions are the :class:`~ema_callbacks.controller.EMAController`'s; this module only
+translates the Trainer's hooks into controller events and its counters into a
+:class:`~ema_callbacks.schedule.Clock`:
+
+=====================================  =======================================================
+Trainer hook                           controller event
+=====================================  =======================================================
+``on_init_end``                        check the schedule's units against ``TrainingArguments``
+``on_train_begin``                     ``fit_start`` (a fresh EMA, or the checkpoint's on resume;
+                                       DeepSpeed ZeRO-3 is refused with the reason)
+``on_step_begin``, ``on_epoch_begin``  ``train_start`` (training weights in, whatever happened)
+``on_step_end``                        ``batch_end`` (not when the optimizer step was skipped),
+                                       then ``eval_start`` if ``control.should_evaluate``
+``on_epoch_end``                       ``epoch_end``, then ``eval_start`` if ``should_evaluate``
+``on_evaluate``                        ``eval_end`` (only after our own ``eval_start``)
+``on_save``                            ``state_dict`` -> ``checkpoint-N/ema_state.*``
+``on_train_end``                       (best checkpoint's EMA if ``load_best_model_at_end``),
+                                       then ``fit_end``
+an exception in ``trainer.train()``    ``exception`` (training weights back), then re-raised
+=====================================  =======================================================
+
+>>> cb = EMATrainerCallback(half_life='50ba', buffers='copy')
+>>> cb.state()['args']['half_life']
+'50ba'
+>>> EMATrainerCallback(half_life='-3ba')
+Traceback (most recent call last):
+...
+ValueError: half_life must not be negative; got '-3ba'
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+except ImportError as err:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "ema_callbacks.transformers needs the Hugging Face transformers library: "
+        'pip install "ema-callbacks[transformers]"'
+    ) from err
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ema_callbacks.controller import EMAController
+from ema_callbacks.schedule import Clock
+
+__all__ = ["EMATrainerCallback", "load_ema_state", "save_ema_state"]
+
+_TOKENS_HINT = (
+    "the Trainer counts tokens only with TrainingArguments(include_num_input_tokens_seen=True) "
+    "(or 'all' / 'non_padding'); set it, or give the time in 'ba', 'ep', 'sp' or 'dur'"
+)
+_ZERO3_REASON = (
+    "EMATrainerCallback does not support DeepSpeed ZeRO-3 yet: ZeRO-3 keeps each parameter as a "
+    "flat partition per rank (param.ds_tensor) and leaves an empty placeholder in the module, so "
+    "the EMA would have to average the partitions (not supported by the EMA engine yet) or "
+    "all-gather the whole model on every update (which this library refuses to do silently). "
+    "Use ZeRO stage 1 or 2, or DDP"
+)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------------------
+
+
+def _paths(directory: str | os.PathLike[str], name: str) -> tuple[str, str]:
+    base = os.path.join(os.fspath(directory), f"{name}_state")
+    return base + ".safetensors", base + ".json"
+
+
+def _atomic_write(path: str, write: Any) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_ema_state(
+    state: Mapping[str, Any], directory: str | os.PathLike[str], name: str = "ema"
+) -> None:
+    """Write an :meth:`EMAController.state_dict` into ``directory`` as ``{name}_state.safetensors``
+    (the tensors) and ``{name}_state.json`` (everything else), each atomically (temp file +
+    ``os.replace``); the JSON is written last, so its presence means the pair is complete.
+
+    >>> import tempfile, torch
+    >>> ctrl = EMAController.create(half_life='4ba')
+    >>> ctrl.fit_start(torch.nn.Linear(2, 1))
+    >>> folder = tempfile.mkdtemp()
+    >>> save_ema_state(ctrl.state_dict(), folder)
+    >>> sorted(os.listdir(folder))
+    ['ema_state.json', 'ema_state.safetensors']
+    >>> sorted(load_ema_state(folder)['shadow'])
+    ['bias', 'weight']
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for group in ("shadow", "training"):
+        for key, value in dict(state.get(group) or {}).items():
+            tensors[f"{group}/{key}"] = value.detach().contiguous()
+    meta = {k: v for k, v in state.items() if k not in ("shadow", "training")}
+    meta["tensors"] = {g: sorted(state.get(g) or {}) for g in ("shadow", "training") if g in state}
+    _atomic_write(_paths(directory, name)[0], lambda p: save_file(tensors, p))
+
+    def write_json(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+
+    _atomic_write(_paths(directory, name)[1], write_json)
+
+
+def load_ema_state(directory: str | os.PathLike[str], name: str = "ema") -> dict[str, Any]:
+    """Read what :func:`save_ema_state` wrote (tensors on CPU): a state for
+    :meth:`EMAController.load_state_dict`. ``state['shadow']`` is the EMA as a plain state dict
+    of the bare model. Raises ``FileNotFoundError`` naming the files if they are not there.
+    """
+    tensor_path, json_path = _paths(directory, name)
+    if not (os.path.isfile(tensor_path) and os.path.isfile(json_path)):
+        raise FileNotFoundError(
+            f"no EMA state in {os.fspath(directory)!r}: expected {os.path.basename(tensor_path)} "
+            f"and {os.path.basename(json_path)}"
+        )
+    with open(json_path) as f:
+        state: dict[str, Any] = json.load(f)
+    tensors = load_file(tensor_path, device="cpu")
+    for group in state.pop("tensors", {}):
+        state[group] = {
+            k[len(group) + 1 :]: v for k, v in tensors.items() if k.startswith(group + "/")
+        }
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The callback
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """The mutable part of a callback, shared with a copy the Trainer rebuilds from JSON."""
+
+    controller: EMAController
+    eval_swap: bool = False  # we swapped the EMA in for an evaluation the Trainer is running
+    samples_per_epoch: int | None = None
+    steps_per_epoch: int | None = None
+
+
+def _find_trainer(depth: int = 12) -> tuple[Any, dict[str, Any]]:
+    """The ``Trainer`` calling this hook, and the locals of its frame (the Trainer passes
+    neither itself nor ``resume_from_checkpoint`` to callbacks)."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, transformers.Trainer):
+            return owner, dict(frame.f_locals)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None, {}
+
+
+class EMATrainerCallback(TrainerCallback, ExportableState):
+    """An EMA of the model's weights for the Hugging Face ``Trainer``.
+
+    Time strings count the Trainer's progress: ``ba`` = optimizer steps (``state.global_step``,
+    once per accumulated step), ``ep`` = ``state.epoch`` (fractional), ``sp`` = samples
+    (exact for datasets with a length; ``global_step * total batch size`` otherwise), ``tok`` =
+    ``state.num_input_tokens_seen`` (needs ``include_num_input_tokens_seen``), ``dur`` =
+    ``global_step / max_steps``. Optimizer steps the Trainer skipped (fp16 overflow) do not update.
+
+    During training the EMA weights are in the model for every evaluation the Trainer runs and
+    the training weights are back before the next step; checkpoints hold the *training* weights
+    in the model files (so resume is exact) and the EMA in ``checkpoint-N/{name}_state.*``.
+    After ``train()`` the model holds ``final_weights`` (default the EMA, so
+    ``trainer.save_model()`` writes it). Use :meth:`ema_weights` to evaluate with the EMA
+    yourself.
+
+    Args:
+        half_life, smoothing, sigma_rel, update_interval, start, warmup, warmup_gamma,
+            warmup_power, rampup_ratio: the schedule (:class:`~ema_callbacks.schedule.Schedule`).
+        include, exclude, trainable_only, buffers, dtype, device, nonfinite: which weights and
+            how they are kept (:class:`~ema_callbacks.weights.EMAWeights`).
+        final_weights: ``'ema'`` or ``'training'``: what the model holds after ``train()``.
+        eval_with_ema: swap the EMA in for evaluations during training (default True).
+        train_with_ema_weights: copy the EMA into the model after every update.
+        name: file prefix in checkpoints (two callbacks need two names).
+
+    All arguments are plain JSON values and are validated here.
+
+    >>> EMATrainerCallback(half_life='1ep', final_weights='training').controller.schedule.describe()
+    'half_life=1ep'
+    >>> EMATrainerCallback(name='a/b')
+    Traceback (most recent call last):
+    ...
+    ValueError: name must be letters, digits, '_', '.' or '-' (it names files); got 'a/b'
+
+    A full run (the tests run this for real)::
+
+    >>> trainer = Trainer(model, args, train_dataset=data,            # doctest: +SKIP
+    ...                   callbacks=[EMATrainerCallback(half_life='50ba')])
+    >>> trainer.train()                                               # doctest: +SKIP
+    >>> trainer.save_model('ema-model')                               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        half_life: str | float | None = None,
+        smoothing: float | None = None,
+        sigma_rel: float | None = None,
+        update_interval: str | None = None,
+        start: str = "0ba",
+        warmup: str = "none",
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        rampup_ratio: float | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        trainable_only: bool = True,
+        buffers: str = "average",
+        dtype: str | None = None,
+        device: str | None = None,
+        nonfinite: str = "ignore",
+        final_weights: str = "ema",
+        eval_with_ema: bool = True,
+        train_with_ema_weights: bool = False,
+        name: str = "ema",
+    ) -> None:
+        if isinstance(half_life, float) and math.isinf(half_life):
+            half_life = "infba"  # JSON has no infinity
+        for arg, value in (("dtype", dtype), ("device", device)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(
+                    f"{arg} must be a string like 'float32' / 'cpu' or None; got {value!r}"
+                )
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(
+                f"name must be letters, digits, '_', '.' or '-' (it names files); got {name!r}"
+            )
+        self._options: dict[str, Any] = {
+            "half_life": half_life,
+            "smoothing": smoothing,
+            "sigma_rel": sigma_rel,
+            "update_interval": update_interval,
+            "start": start,
+            "warmup": warmup,
+            "warmup_gamma": warmup_gamma,
+            "warmup_power": warmup_power,
+            "rampup_ratio": rampup_ratio,
+            "include": list(include) if isinstance(include, (list, tuple)) else include,
+            "exclude": list(exclude) if isinstance(exclude, (list, tuple)) else exclude,
+            "trainable_only": trainable_only,
+            "buffers": buffers,
+            "dtype": dtype,
+            "device": device,
+            "nonfinite": nonfinite,
+            "final_weights": final_weights,
+            "eval_with_ema": eval_with_ema,
+            "train_with_ema_weights": train_with_ema_weights,
+        }
+        self.name = name
+        self._run = _Run(EMAController.create(**self._options))  # validates everything
+
+    # -- JSON state (trainer_state.json) ---------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The constructor arguments (JSON), as the Trainer stores them in ``trainer_state.json``.
+        The tensors live in ``checkpoint-N/{name}_state.*`` instead.
+
+        >>> EMATrainerCallback(half_life='2ep').state()['args']['half_life']
+        '2ep'
+        """
+        return {
+            "args": {**self._options, "name": self.name},
+            "attributes": {},
+        }
+
+    @property
+    def controller(self) -> EMAController:
+        """The controller holding the EMA (``controller.weights.state_dict()`` is the shadow)."""
+        return self._run.controller
+
+    # -- translation helpers ---------------------------------------------------------------
+
+    def _clock(self, args: Any, state: Any) -> Clock:
+        step = int(state.global_step)
+        total_batch = int(state.train_batch_size or args.per_device_train_batch_size)
+        total_batch *= int(args.gradient_accumulation_steps) * int(args.world_size)
+        run = self._run
+        if run.samples_per_epoch and run.steps_per_epoch:
+            epochs, in_epoch = divmod(step, run.steps_per_epoch)
+            samples = epochs * run.samples_per_epoch + min(
+                run.samples_per_epoch, in_epoch * total_batch
+            )
+        else:
+            samples = step * total_batch
+        counts_tokens = args.include_num_input_tokens_seen not in ("no", False, None)
+        return Clock(
+            batch=step,
+            epoch=float(state.epoch or 0.0),
+            sample=samples,
+            token=int(state.num_input_tokens_seen) if counts_tokens else None,
+            duration=min(1.0, step / state.max_steps) if state.max_steps else None,
+        )
+
+    def _attach(self, trainer: Any) -> None:
+        """Register this callback's run on ``trainer`` and guard ``trainer.train``.
+
+        A callback the Trainer rebuilds from ``trainer_state.json``
+        (``restore_callback_states_from_checkpoint``) finds the run of the one it replaced
+        here and joins it, so the callback object you hold keeps seeing the EMA.
+
+        The Trainer has no exception hook: its ``train`` (this instance's attribute, not the
+        class's) is wrapped so that training weights are in the model before a run loads a
+        checkpoint and after any exception, which is then re-raised.
+        """
+        if trainer is None:
+            return
+        runs = vars(trainer).setdefault("_ema_callbacks_runs", {})
+        run = runs.setdefault(self.name, self._run)
+        if run is not self._run:
+            self._run = run
+            return
+        original = trainer.train
+
+        @functools.wraps(original)
+        def train(*args: Any, **kwargs: Any) -> Any:
+            run.eval_swap = False
+            run.controller.exception()
+            try:
+                return original(*args, **kwargs)
+            except BaseException:
+                run.eval_swap = False
+                run.controller.exception()
+                raise
+
+        trainer.train = train
+
+    def _eval_start(self, control: Any, model: nn.Module) -> None:
+        if control.should_evaluate:
+            self.controller.eval_start(model)
+            self._run.eval_swap = self.controller.weights_active == "ema"
+
+    def _resume(self, args: Any, state: Any, resume_path: Any) -> None:
+        path = resume_path if isinstance(resume_path, (str, os.PathLike)) else None
+        if path is None:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        try:
+            self.controller.load_state_dict(load_ema_state(path, self.name))
+        except FileNotFoundError as err:
+            if type(self).__name__ in (state.stateful_callbacks or {}):
+                raise FileNotFoundError(
+                    f"resuming from {os.fspath(path)!r}, which was written with an EMA callback, "
+                    f"but its EMA state is missing: {err}"
+                ) from err
+            warnings.warn(
+                f"resuming from {os.fspath(path)!r}, which holds no EMA state: the EMA starts "
+                "afresh from the resumed weights",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._attach(_find_trainer()[0])
+        clock = self._clock(args, state)
+        # 'dur' is known from on_train_begin on (max_steps); check the rest now.
+        self.controller.check_clock(
+            Clock(clock.batch, clock.epoch, clock.sample, clock.token, 0.0), _TOKENS_HINT
+        )
+
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        assert model is not None
+        trainer, frame = _find_trainer()
+        self._attach(trainer)
+        run = self._run
+        run.controller.exception()  # a previous train() may have left its EMA in
+        run.controller = EMAController.create(**self._options)
+        run.eval_swap = False
+        run.samples_per_epoch = run.steps_per_epoch = None
+        try:
+            batches = len(train_dataloader)
+            run.samples_per_epoch = len(train_dataloader.dataset)
+            accum = int(args.gradient_accumulation_steps)
+            run.steps_per_epoch = max(batches // accum + int(batches % accum > 0), 1)
+        except (TypeError, AttributeError, NotImplementedError):
+            pass  # no length: samples = global_step * total batch size
+        if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+            raise NotImplementedError(_ZERO3_REASON)
+        if state.global_step > 0:
+            self._resume(args, state, frame.get("resume_from_checkpoint"))
+        run.controller.fit_start(model, self._clock(args, state), _TOKENS_HINT)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._run.eval_swap = False
+        self.controller.train_start()
+
+    on_epoch_begin = on_step_begin
+
+    def on_step_end(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        assert model is not None
+        if not getattr(optimizer, "step_was_skipped", False):
+            self.controller.batch_end(model, self._clock(args, state))
+        self._eval_start(control, model)
+
+    def on_epoch_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        assert model is not None
+        self.controller.train_start()
+        self.controller.epoch_end(model, self._clock(args, state))
+        self._eval_start(control, model)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        if self._run.eval_swap:
+            self._run.eval_swap = False
+            self.controller.eval_end(model)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"the Trainer's checkpoint folder {folder!r} does not exist; the EMA state "
+                "is written into output_dir/checkpoint-<global_step>"
+            )
+        # training=None: the training weights are added only if the EMA is in the model.
+        save_ema_state(self.controller.state_dict(), folder, self.name)
+
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        assert model is not None
+        self._run.eval_swap = False
+        controller = self.controller
+        controller.train_start()
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            # The Trainer just loaded the best checkpoint's (training) weights; its metric was
+            # measured on the weights evaluated then, i.e. that checkpoint's EMA.
+            controller.load_state_dict(load_ema_state(state.best_model_checkpoint, self.name))
+            controller.setup(model)
+        controller.fit_end(model)
+
+    # -- using the EMA ---------------------------------------------------------------------
+
+    @contextmanager
+    def ema_weights(self, model: nn.Module) -> Iterator[nn.Module]:
+        """EMA weights in ``model`` for the block, the previous weights back in ``finally``;
+        for ``trainer.evaluate()`` / ``trainer.predict()`` outside training::
+
+            with callback.ema_weights(trainer.model):
+                metrics = trainer.evaluate()
+
+        Before the EMA has started the model keeps its weights.
+
+        >>> cb = EMATrainerCallback(half_life='2ba')
+        >>> m = torch.nn.Linear(1, 1)
+        >>> with cb.ema_weights(m) as same:
+        ...     same is m
+        True
+        """
+        with self.controller.ema_weights(model):
+            yield model

@@ -1,0 +1,72 @@
+"""Two processes (torchrun, gloo, CPU): every rank holds the same EMA, equal to the reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import assert_close, assert_equal, reference_ema
+
+from ema_callbacks.transformers import load_ema_state
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_ranks_hold_the_same_ema(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "hf_ddp_run.py"),
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == 2
+    assert_equal(r0["ema"], r1["ema"])
+    # 16 samples over 2 ranks x batch 2: 4 steps per epoch, 8 in all
+    assert sorted(r0["steps"]) == list(range(1, 9))
+    expected = reference_ema(r0["steps"], {k: 0.25 for k in r0["steps"]}, 0.5)
+    assert_close(r0["ema"], expected)
+    for rank in (r0, r1):  # the evaluations (steps 3, 6 and the last) ran on the EMA
+        assert sorted(rank["eval"]) == [3, 6, 8]
+        upto = {k: v for k, v in r0["steps"].items() if k <= 6}
+        assert_close(rank["eval"][6], reference_ema(upto, {k: 0.25 for k in upto}, 0.5))
+    # written once, by rank 0, into the checkpoint folder
+    assert_close(load_ema_state(tmp_path / "checkpoint-8")["shadow"], expected)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_zero3_is_refused_with_the_reason(tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(HERE.parent.parent),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(HERE / "hf_ddp_run.py"),
+        str(tmp_path),
+        "zero3",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "does not support DeepSpeed ZeRO-3 yet" in done.stdout + done.stderr
+    assert "param.ds_tensor" in done.stdout + done.stderr
