@@ -49,7 +49,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without Compose
         'ema_callbacks.composer needs MosaicML Composer: pip install "ema-callbacks[composer]"'
     ) from _err
 
-from ema_callbacks.controller import STATE_FORMAT, STATE_VERSION, EMAController
+from ema_callbacks.controller import STATE_FORMAT, EMAController
 from ema_callbacks.schedule import Clock
 from ema_callbacks.time_strings import Time
 from ema_callbacks.weights import normalize_name, unwrap_model
@@ -510,12 +510,4 @@ class EMA(Algorithm):  # type: ignore[misc]
             shadow, training = stored, None
         # Composer does not store when it last updated: it updates on every interval multiple.
         resumed = self.controller.schedule.resumed_state(self._clock(state))
-        converted: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "schedule": resumed.to_dict(),
-            "shadow": shadow,
-        }
-        if training is not None:
-            converted["training"] = training
-        self.controller.load_state_dict(converted)
+        self.controller.load_averaged(shadow, resumed, training)

@@ -383,6 +383,33 @@ class EMAController:
             }
         return state
 
+    def reset(self) -> None:
+        """Forget the schedule's progress and any state waiting to be applied (a new run);
+        the next due update initialises the EMA afresh."""
+        self.state = ScheduleState()
+        self._pending = None
+        self._pending_training = None
+
+    def load_averaged(
+        self,
+        shadow: Mapping[str, torch.Tensor],
+        state: ScheduleState,
+        training: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Adopt an average kept by another library (Composer's or Lightning's EMA): its
+        tensors by normalised name, the schedule state it implies, and the training weights
+        when the model currently holds the average. Names are checked at ``setup``.
+        """
+        loaded: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "schedule": state.to_dict(),
+            "shadow": dict(shadow),
+        }
+        if training is not None:
+            loaded["training"] = dict(training)
+        self.load_state_dict(loaded)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Before the shadow exists the tensors are kept and
         applied at ``fit_start``/``setup``; names are checked then."""

@@ -1,0 +1,495 @@
+"""Lightning adapter: :class:`EMACallback` for ``lightning.pytorch`` and ``pytorch_lightning``.
+
+``Trainer(callbacks=[EMACallback(half_life='50ba')])``, or from a LightningCLI YAML::
+
+    trainer:
+      callbacks:
+        - class_path: ema_callbacks.lightning.EMACallback
+          init_args: {half_life: 50ba}
+
+The same class is a ``Callback`` of both import styles (``lightning.pytorch`` and the older
+``pytorch_lightning``) when both are installed, so users of either write ``EMACallback``.
+
+Hook map (Lightning hook -> controller event; see ``docs/lightning.md``):
+
+=================================================  =============================================
+``on_fit_start``                                   ``fit_start`` (shadow built on the device)
+``on_train_start``, ``on_train_batch_start``       ``train_start`` (training weights in)
+``on_train_batch_end`` (``global_step`` moved)     ``batch_end`` with the clock; log metrics
+``on_train_epoch_end``                             ``epoch_end``
+``on_{validation,test,predict}_start``             ``eval_start`` (EMA in, once started)
+``on_{validation,test,predict}_end``               ``eval_end``
+``on_train_end``                                   ``fit_end`` (``final_weights``)
+``on_exception``                                   ``exception`` (training weights in)
+``state_dict`` / ``load_state_dict``               controller state + the clock's counters
+``on_save_checkpoint``                             ``checkpoint['state_dict']`` holds the EMA
+=================================================  =============================================
+
+>>> cb = EMACallback(half_life='50ba')
+>>> cb.controller.schedule.describe()
+'half_life=50ba'
+>>> EMACallback().controller.schedule.describe()      # Composer's default
+'half_life=1000ba'
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ema_callbacks.controller import EMAController
+from ema_callbacks.schedule import Clock, ScheduleState
+from ema_callbacks.time_strings import TimeUnit
+from ema_callbacks.weights import normalize_name
+
+_EXTRA = 'pip install "ema-callbacks[lightning]"'
+CHECKPOINT_WEIGHTS = ("ema", "training")
+CHECKPOINT_KEY = "ema_callbacks"
+
+_bases: list[type] = []
+try:
+    from lightning.pytorch.callbacks import Callback as _LightningCallback
+    from lightning.pytorch.utilities.data import extract_batch_size as _extract_batch_size
+
+    _bases.append(_LightningCallback)
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+try:
+    from pytorch_lightning.callbacks import Callback as _PLCallback
+
+    _bases.append(_PLCallback)
+    if len(_bases) == 1:  # pragma: no cover - only pytorch_lightning installed
+        from pytorch_lightning.utilities.data import (  # type: ignore[no-redef]
+            extract_batch_size as _extract_batch_size,
+        )
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+if not _bases:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "ema_callbacks.lightning needs Lightning (lightning.pytorch or pytorch_lightning); "
+        f"install it with: {_EXTRA}"
+    )
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import Callback as _CallbackBase
+else:
+    # A Callback of every installed import style: Lightning checks `isinstance(cb, Callback)`
+    # against its own package's class, and raises TypeError on the other one's subclasses.
+    _CallbackBase = _bases[0] if len(_bases) == 1 else type("_CallbackBase", tuple(_bases), {})
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "CHECKPOINT_WEIGHTS",
+    "EMACallback",
+]
+
+
+def _resolve_callable(
+    spec: str | Callable[[Any], Any] | None, name: str
+) -> Callable[[Any], Any] | None:
+    """``'package.module.function'`` or ``'package.module:function'`` -> the function."""
+    if spec is None or callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"{name} must be an import path like 'my_package.data.count_tokens' or a callable; "
+            f"got {spec!r} ({type(spec).__name__})"
+        )
+    module_name, sep, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module_name or not attr or not sep:
+        raise ValueError(
+            f"{name} must be an import path like 'my_package.data.count_tokens' "
+            f"(module, then the function); got {spec!r}"
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{name} must name an importable function; got {spec!r} ({err})") from err
+    if not callable(target):
+        raise TypeError(f"{name} must name a callable; {spec!r} is a {type(target).__name__}")
+    return target  # type: ignore[no-any-return]
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must return a non-negative integer; got {value!r}")
+    return value
+
+
+class EMACallback(_CallbackBase):
+    """An exponential moving average of the LightningModule's weights, as a Lightning callback.
+
+    The EMA weights are in the model during validation, test and predict (including the
+    sanity check, and ``trainer.validate/test/predict`` after ``fit``) once the EMA has started;
+    every training step runs on the training weights. Checkpoints hold the EMA in
+    ``checkpoint['state_dict']`` (``checkpoint_weights='ema'``), the training weights and the
+    schedule in the callback state, and say which is which in ``checkpoint['ema_callbacks']``;
+    resuming continues from the training weights, bit-identically.
+
+    Time units: ``ba`` counts optimizer steps (``trainer.global_step``: one per
+    ``accumulate_grad_batches`` batches); ``ep`` is fractional (batches done over
+    ``trainer.num_training_batches``); ``sp`` sums batch sizes (``batch_size_fn``, default
+    Lightning's ``extract_batch_size``: the length of the first tensor in the batch) over all
+    ranks; ``tok`` sums ``tokens_fn(batch)`` over all ranks; ``dur`` is ``global_step`` over
+    ``trainer.estimated_stepping_batches``.
+
+    Args:
+        half_life: a time string (``'50ba'``, ``'1ep'``, ``'2e6tok'``, ``'0.1dur'``); default
+            ``'1000ba'`` when neither ``smoothing`` nor ``sigma_rel`` is given.
+        smoothing, sigma_rel, update_interval, start, warmup, warmup_gamma, warmup_power,
+            rampup_ratio: the schedule (:class:`~ema_callbacks.schedule.Schedule`).
+        include, exclude, trainable_only, buffers, dtype, device, nonfinite: which tensors and
+            how they are stored (:class:`~ema_callbacks.weights.EMAWeights`).
+        final_weights: what the model holds after ``fit``: ``'ema'`` (default) or
+            ``'training'``.
+        eval_with_ema: swap the EMA in for validation/test/predict (default True).
+        train_with_ema_weights: copy the EMA into the training weights after every update.
+        checkpoint_weights: what ``checkpoint['state_dict']`` holds: ``'ema'`` (default, so
+            ``Model.load_from_checkpoint`` gives the EMA model, as Lightning's own EMA does) or
+            ``'training'``. Before the EMA has started it holds the training weights.
+        batch_size_fn: import path (``'pkg.module.fn'``) or callable ``fn(batch) -> int`` giving
+            the samples in a batch, for ``sp`` times.
+        tokens_fn: import path or callable ``fn(batch) -> int`` giving the tokens in a batch;
+            required for ``tok`` times (Lightning does not count tokens).
+        log_metrics: log ``ema/smoothing``, ``ema/num_updates`` and ``ema/num_skipped`` to the
+            Trainer's loggers at the optimizer steps they write (``log_every_n_steps``).
+
+    >>> EMACallback(half_life='-3ba')
+    Traceback (most recent call last):
+    ...
+    ValueError: half_life must not be negative; got '-3ba'
+    >>> EMACallback(half_life='2000tok')
+    Traceback (most recent call last):
+    ...
+    ValueError: half_life='2000tok' counts tokens, which Lightning does not count: pass tokens_fn='my_package.data.count_tokens' (a function batch -> number of tokens)
+    """
+
+    def __init__(
+        self,
+        half_life: str | float | None = None,
+        smoothing: float | None = None,
+        sigma_rel: float | None = None,
+        update_interval: str | None = None,
+        start: str = "0ba",
+        warmup: str = "none",
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        rampup_ratio: float | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        trainable_only: bool = True,
+        buffers: str = "average",
+        dtype: str | None = None,
+        device: str | None = None,
+        nonfinite: str = "ignore",
+        final_weights: str = "ema",
+        eval_with_ema: bool = True,
+        train_with_ema_weights: bool = False,
+        checkpoint_weights: str = "ema",
+        batch_size_fn: str | Callable[[Any], int] | None = None,
+        tokens_fn: str | Callable[[Any], int] | None = None,
+        log_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        self.controller = EMAController.create(
+            half_life=half_life,
+            smoothing=smoothing,
+            sigma_rel=sigma_rel,
+            update_interval=update_interval,
+            start=start,
+            warmup=warmup,
+            warmup_gamma=warmup_gamma,
+            warmup_power=warmup_power,
+            rampup_ratio=rampup_ratio,
+            include=include,
+            exclude=exclude,
+            trainable_only=trainable_only,
+            buffers=buffers,
+            dtype=dtype,
+            device=device,
+            nonfinite=nonfinite,
+            final_weights=final_weights,
+            eval_with_ema=eval_with_ema,
+            train_with_ema_weights=train_with_ema_weights,
+        )
+        if checkpoint_weights not in CHECKPOINT_WEIGHTS:
+            raise ValueError(
+                f"checkpoint_weights must be one of {CHECKPOINT_WEIGHTS}; got {checkpoint_weights!r}"
+            )
+        if not isinstance(log_metrics, bool):
+            raise TypeError(f"log_metrics must be True or False; got {log_metrics!r}")
+        self.checkpoint_weights = checkpoint_weights
+        self.log_metrics = log_metrics
+        self.batch_size_fn = (
+            _resolve_callable(batch_size_fn, "batch_size_fn") or _extract_batch_size
+        )
+        self.tokens_fn = _resolve_callable(tokens_fn, "tokens_fn")
+        units = self.controller.schedule.units
+        if TimeUnit.TOKEN in units and self.tokens_fn is None:
+            schedule = self.controller.schedule
+            culprit = next(
+                f"{n}='{t}'"
+                for n, t in (
+                    ("half_life", schedule.half_life),
+                    ("update_interval", schedule.update_interval),
+                    ("start", schedule.start),
+                )
+                if t is not None and t.unit is TimeUnit.TOKEN
+            )
+            raise ValueError(
+                f"{culprit} counts tokens, which Lightning does not count: pass "
+                "tokens_fn='my_package.data.count_tokens' (a function batch -> number of tokens)"
+            )
+        self._count_samples = TimeUnit.SAMPLE in units
+        self._count_tokens = TimeUnit.TOKEN in units
+        self._stage: str | None = None
+        self._reset_clock()
+        self._total_steps: float | None = None
+        self._imported: dict[str, Any] | None = None
+
+    # -- clock ----------------------------------------------------------------------------
+
+    def _reset_clock(self) -> None:
+        self._samples = 0
+        self._tokens = 0
+        self._pending = [0, 0]  # samples, tokens in micro-batches since the last optimizer step
+        self._last_step = 0
+
+    def _clock(self, trainer: Trainer, epoch: float) -> Clock:
+        step = trainer.global_step
+        duration = None
+        if self._total_steps is not None:
+            duration = min(1.0, step / self._total_steps)
+        return Clock(
+            batch=step,
+            epoch=epoch,
+            sample=self._samples if self._count_samples else None,
+            token=self._tokens if self._count_tokens else None,
+            duration=duration,
+        )
+
+    def _flush_counts(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Add the micro-batches' samples/tokens, summed over all ranks (one small all-reduce
+        per optimizer step, only for ``sp``/``tok`` schedules) so every rank's EMA agrees."""
+        samples, tokens = self._pending
+        self._pending = [0, 0]
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(
+                torch.tensor([samples, tokens], dtype=torch.int64, device=pl_module.device),
+                reduce_op="sum",
+            )
+            samples, tokens = (int(v) for v in total.tolist())
+        self._samples += samples
+        self._tokens += tokens
+
+    # -- fit ------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remember the stage. A ``fit`` from step 0 starts a new EMA (a checkpoint, loaded
+        after this hook, restores the old one); a further ``fit`` on the same Trainer goes on."""
+        self._stage = stage
+        if stage == "fit" and trainer.global_step == 0:
+            self._reset_clock()
+            self._imported = None
+            self.controller.reset()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fit_start``: build (or re-bind) the shadow on the model's device; check units."""
+        self._total_steps = None
+        if TimeUnit.DURATION in self.controller.schedule.units:
+            total = trainer.estimated_stepping_batches
+            if total and math.isfinite(total):
+                self._total_steps = float(total)
+        self.controller.fit_start(
+            pl_module,
+            self._clock(trainer, 0.0),
+            hint="'dur' needs a finite run: set Trainer(max_steps=...) or max_epochs",
+        )
+        if self._imported is not None:
+            self._load_imported()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Training weights in; optimizer steps are counted from here (after a resume too)."""
+        self.controller.train_start(pl_module)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Every training step runs on the training weights."""
+        self.controller.train_start(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """``batch_end`` once per optimizer step (not per micro-batch)."""
+        if self._count_samples:
+            self._pending[0] += _count(self.batch_size_fn(batch), "batch_size_fn")
+        if self._count_tokens:
+            assert self.tokens_fn is not None
+            self._pending[1] += _count(self.tokens_fn(batch), "tokens_fn")
+        step = trainer.global_step
+        if step <= self._last_step:
+            return  # accumulating gradients: no optimizer step yet
+        self._last_step = step
+        if self._count_samples or self._count_tokens:
+            self._flush_counts(trainer, pl_module)
+        epoch = float(trainer.current_epoch)
+        per_epoch = trainer.num_training_batches
+        if per_epoch and math.isfinite(per_epoch):
+            epoch += min(1.0, (batch_idx + 1) / per_epoch)
+        self.controller.batch_end(pl_module, self._clock(trainer, epoch))
+        if self.log_metrics and self._logging_step(trainer):
+            pl_module.log_dict(
+                {f"ema/{k}": v for k, v in self.controller.metrics().items()},
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+
+    @staticmethod
+    def _logging_step(trainer: Trainer) -> bool:
+        """Whether the Trainer writes this step's metrics to its loggers (``log_every_n_steps``):
+        ``LightningModule.log`` costs ~0.5 ms a call, too much to pay at every step for nothing."""
+        every = int(getattr(trainer, "log_every_n_steps", 50))  # set by the Trainer, untyped
+        if not trainer.loggers or not every:
+            return False
+        return trainer.global_step % every == 0 or trainer.should_stop
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``epoch_end`` (updates with an ``ep`` interval when the epoch length is unknown)."""
+        self.controller.epoch_end(pl_module, self._clock(trainer, float(trainer.current_epoch + 1)))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fit_end``: leave the EMA (``final_weights='ema'``) or the training weights in."""
+        self.controller.fit_end(pl_module)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Training weights back in, whatever happened."""
+        self.controller.exception(pl_module)
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """EMA weights in (sanity check included), once the EMA has started."""
+        self.controller.eval_start(pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Training weights back (unless ``fit`` ended with ``final_weights='ema'``)."""
+        self.controller.eval_end(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """EMA weights in for ``trainer.test``."""
+        self.controller.eval_start(pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Previous weights back."""
+        self.controller.eval_end(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """EMA weights in for ``trainer.predict``."""
+        self.controller.eval_start(pl_module)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Previous weights back."""
+        self.controller.eval_end(pl_module)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _holds(self) -> str:
+        """Which weights ``checkpoint['state_dict']`` holds."""
+        return "ema" if self.checkpoint_weights == "ema" and self.controller.started else "training"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state (training weights included when the model slot holds the
+        EMA) plus the clock's counters."""
+        holds = self._holds()
+        state = self.controller.state_dict(
+            training=holds == "ema" or self.controller.weights_active == "ema"
+        )
+        state["state_dict_holds"] = holds
+        state["clock"] = {
+            "samples": self._samples,
+            "tokens": self._tokens,
+            "pending": list(self._pending),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when resuming ``fit``. Outside ``fit`` (``validate``,
+        ``test`` from a checkpoint) the model keeps the checkpoint's ``state_dict``."""
+        if self._stage not in (None, "fit"):
+            return
+        self.controller.load_state_dict(state_dict)
+        clock = dict(state_dict.get("clock", {}))
+        self._samples = int(clock.get("samples", 0))
+        self._tokens = int(clock.get("tokens", 0))
+        self._pending = [int(v) for v in clock.get("pending", [0, 0])]
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Put the EMA (or training) weights in ``checkpoint['state_dict']`` and say which.
+
+        The tensors are the ones already in the callback state, so ``torch.save`` stores them
+        once."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            return
+        holds = state["state_dict_holds"]
+        source: Mapping[str, torch.Tensor] | None = (
+            state["shadow"] if holds == "ema" else state.get("training")
+        )
+        if source:
+            checkpoint["state_dict"] = {
+                key: source.get(normalize_name(key), value)
+                for key, value in checkpoint["state_dict"].items()
+            }
+        checkpoint[CHECKPOINT_KEY] = {"state_dict_holds": holds, "callback": self.state_key}
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Start from a checkpoint of Lightning's ``EMAWeightAveraging``: its ``state_dict``
+        is the average (the EMA), ``current_model_state`` the training weights."""
+        if self._stage not in (None, "fit"):
+            return
+        if self.state_key in checkpoint.get("callbacks", {}):
+            return  # ours: load_state_dict does the work
+        if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            n_averaged = checkpoint["averaging_state"].get("n_averaged", 1)
+            self._imported = {
+                "shadow": {normalize_name(k): v for k, v in checkpoint["state_dict"].items()},
+                "num_updates": max(0, int(n_averaged) - 1),
+                "global_step": int(checkpoint.get("global_step", 0)),
+            }
+
+    def _load_imported(self) -> None:
+        assert self._imported is not None and self.controller.weights is not None
+        imported, self._imported = self._imported, None
+        shadow = imported["shadow"]
+        missing = [n for n in self.controller.weights.names if n not in shadow]
+        if missing:
+            raise ValueError(
+                f"the EMAWeightAveraging checkpoint lacks weights this EMA tracks: {missing[:10]}"
+            )
+        self.controller.load_averaged(
+            {n: shadow[n] for n in self.controller.weights.names},
+            ScheduleState(
+                started=True,
+                num_updates=imported["num_updates"],
+                last={"ba": float(imported["global_step"])},
+            ),
+        )

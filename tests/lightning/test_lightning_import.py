@@ -1,0 +1,31 @@
+"""Import behaviour: ``import ema_callbacks`` loads no trainer; without Lightning the adapter
+raises ImportError naming the extra to install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import sys
+import ema_callbacks
+assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)
+for name in ('lightning', 'lightning.pytorch', 'lightning.pytorch.callbacks',
+             'pytorch_lightning', 'pytorch_lightning.callbacks'):
+    sys.modules[name] = None  # an import of these now raises ImportError
+try:
+    import ema_callbacks.lightning
+except ImportError as err:
+    print(err)
+"""
+
+
+def test_missing_lightning_names_the_extra() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "ema-callbacks[lightning]"' in result.stdout
