@@ -17,6 +17,7 @@ CORE_MODULES = [
     "ema_callbacks.weights",
     "ema_callbacks.controller",
     "ema_callbacks.ema",
+    "ema_callbacks.posthoc",
 ]
 
 
