@@ -1,7 +1,15 @@
 """The ``ema-callbacks`` command line (also ``python -m ema_callbacks``).
 
-Commands: ``demo`` (train on scikit-learn's digits, raw vs EMA) and ``halflife`` (convert
-between a per-update smoothing and a half-life).
+========================  ==================================================================
+``demo``                  train on scikit-learn's digits with every installed trainer; raw vs
+                          EMA accuracy and loss per trainer, and a PNG plot of the curves
+``run CONFIG.yaml``       run a training described by a YAML file (Composer, Lightning or
+                          transformers; the file's ``framework:`` key says which)
+``export CHECKPOINT``     write the EMA weights of a Composer, Lightning or transformers
+                          checkpoint as a plain safetensors state dict
+``halflife``              convert between a per-update smoothing (decay) and a half-life
+``posthoc SNAPSHOTS``     reconstruct an EMA of any width after training (EDM2 post-hoc EMA)
+========================  ==================================================================
 
 >>> main(['halflife', '--smoothing', '0.999', '--interval', '1ba'])
 smoothing 0.999 per 1ba = half_life 693ba
@@ -14,14 +22,25 @@ half_life 693ba at update_interval 1ba = smoothing 0.999000
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ema_callbacks.schedule import half_life_to_smoothing, smoothing_to_half_life
 from ema_callbacks.time_strings import Time
 
-__all__ = ["main"]
+__all__ = ["DEMO_TRAINERS", "main"]
+
+# (label, module with run_digits_demo, the package it needs)
+DEMO_TRAINERS: list[tuple[str, str, str]] = [
+    ("lightning", "ema_callbacks.examples.lightning_digits", "lightning"),
+    ("transformers", "ema_callbacks.examples.transformers_digits", "transformers"),
+    ("composer", "ema_callbacks.examples.composer_digits", "composer"),
+]
 
 
 def _halflife(args: argparse.Namespace) -> int:
@@ -30,46 +49,202 @@ def _halflife(args: argparse.Namespace) -> int:
         raise ValueError(f"--interval must be positive and finite; got '{interval}'")
     if args.smoothing is not None:
         half_life = smoothing_to_half_life(args.smoothing, float(interval.value))
-        value = (
-            "inf"
-            if math.isinf(half_life)
-            else f"{half_life:.0f}"
-            if interval.unit.integral
-            else f"{half_life:.6g}"
-        )
+        if math.isinf(half_life):
+            value = "inf"
+        elif interval.unit.integral:
+            value = f"{half_life:.0f}"
+        else:
+            value = f"{half_life:.6g}"
         print(f"smoothing {args.smoothing:g} per {interval} = half_life {value}{interval.unit}")
     else:
         half_life_time = Time.parse(args.half_life, "--half-life")
         if half_life_time.unit is not interval.unit:
             raise ValueError(
-                f"--half-life and --interval must use the same unit; got '{half_life_time}' and '{interval}'"
+                "--half-life and --interval must use the same unit; "
+                f"got '{half_life_time}' and '{interval}'"
             )
         beta = half_life_to_smoothing(float(half_life_time.value), float(interval.value))
         print(f"half_life {half_life_time} at update_interval {interval} = smoothing {beta:.6f}")
     return 0
 
 
+class _Progress:
+    """A tqdm bar when tqdm is installed, plain lines otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.last = -1
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stdout)
+        except ImportError:  # pragma: no cover - tqdm is in the demo extra
+            self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+        elif total and (10 * done) // total != self.last:
+            self.last = (10 * done) // total
+            print(f"{self.label}: {done}/{total}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _available(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _plot(results: dict[str, list[dict[str, Any]]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('(no plot: pip install "ema-callbacks[demo]" for matplotlib)')
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (trainer, rows) in enumerate(results.items()):
+        color = f"C{i}"
+        epochs = [r["epoch"] for r in rows]
+        for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+            ax.plot(
+                epochs,
+                [r[f"raw_{metric}"] for r in rows],
+                "--",
+                color=color,
+                alpha=0.6,
+                label=f"{trainer}: training weights",
+            )
+            ax.plot(
+                epochs,
+                [r[f"ema_{metric}"] for r in rows],
+                "-",
+                color=color,
+                linewidth=2,
+                label=f"{trainer}: EMA weights",
+            )
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("scikit-learn digits: training weights vs EMA (ema_callbacks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ema_callbacks.demo import format_table, run_plain
 
-    print("Training a small MLP on scikit-learn's digits (plain PyTorch loop + ema_callbacks.EMA)")
-    rows = run_plain(epochs=args.epochs, half_life=args.half_life, seed=args.seed)
+    runs: list[tuple[str, Callable[..., list[dict[str, Any]]]]] = [("plain", run_plain)]
+    skipped = []
+    for label, module, package in DEMO_TRAINERS:
+        if args.trainers and label not in args.trainers:
+            continue
+        if not _available(package):
+            skipped.append(label)
+            continue
+        runs.append((label, importlib.import_module(module).run_digits_demo))
+    if args.trainers:
+        runs = [(label, fn) for label, fn in runs if label in args.trainers or label == "plain"]
+    print(
+        "Training a small MLP on scikit-learn's digits with each installed trainer; "
+        f"EMA half-life {args.half_life}, {args.epochs} epochs."
+    )
+    if skipped:
+        print(f"(not installed here: {', '.join(skipped)})")
+    results: dict[str, list[dict[str, Any]]] = {}
+    started = time.perf_counter()
+    for label, fn in runs:
+        progress = _Progress(label)
+        try:
+            results[label] = fn(
+                epochs=args.epochs, half_life=args.half_life, seed=args.seed, progress=progress
+            )
+        finally:
+            progress.close()
     print()
-    print(format_table({"plain": rows[-1]}))
+    print(format_table({label: rows[-1] for label, rows in results.items()}))
+    if _plot(results, args.plot):
+        print(f"\nplot of the validation curves: {args.plot}")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ema_callbacks.run_config import run
+
+    metrics = run(args.config)
+    for key, value in sorted(metrics.items()):
+        print(f"{key}: {value}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ema_callbacks.export import export_ema
+
+    summary = export_ema(args.checkpoint, args.output, dtype=args.dtype, name=args.name)
+    print(
+        f"wrote {summary['tensors']} tensors ({summary['ema_tensors']} from the EMA) from a "
+        f"{summary['kind']} checkpoint to {summary['output']}"
+    )
+    return 0
+
+
+def _posthoc(args: argparse.Namespace) -> int:
+    from ema_callbacks.posthoc import posthoc_command
+
+    summary = posthoc_command(
+        args.inputs,
+        args.output,
+        sigma_rel=args.sigma_rel,
+        half_life=args.half_life,
+        at=args.at,
+        dtype=args.dtype,
+    )
+    for key, value in summary.items():
+        print(f"{key}: {value}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ema-callbacks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ema-callbacks", description="Exponential moving averages of model weights."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo", help="train on scikit-learn's digits and compare raw vs EMA weights"
-    )
-    demo.add_argument("--epochs", type=int, default=8)
+    demo = sub.add_parser("demo", help="train on scikit-learn's digits: raw vs EMA, per trainer")
+    demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--half-life", default="0.5ep")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--plot", default="ema_demo.png", help="where to write the PNG plot")
+    demo.add_argument("--trainers", nargs="*", help="only these (plain always runs)")
     demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="run a training described by a YAML file")
+    run.add_argument("config")
+    run.set_defaults(func=_run)
+
+    export = sub.add_parser("export", help="write a checkpoint's EMA weights as safetensors")
+    export.add_argument(
+        "checkpoint", help="Composer .pt, Lightning .ckpt, transformers checkpoint-N/"
+    )
+    export.add_argument("-o", "--output", default="ema.safetensors")
+    export.add_argument("--dtype", help="cast floating tensors, e.g. float16 or bfloat16")
+    export.add_argument("--name", help="which EMA, if a checkpoint holds several")
+    export.set_defaults(func=_export)
 
     hl = sub.add_parser("halflife", help="convert between smoothing (decay) and half-life")
     group = hl.add_mutually_exclusive_group(required=True)
@@ -77,15 +252,25 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--half-life", help="a time string, e.g. 693ba")
     hl.add_argument("--interval", default="1ba", help="update interval (default 1ba)")
     hl.set_defaults(func=_halflife)
+
+    ph = sub.add_parser("posthoc", help="reconstruct an EMA from post-hoc snapshots (EDM2)")
+    ph.add_argument("inputs", nargs="+", help="snapshot files or folders")
+    ph.add_argument("-o", "--output", default="posthoc_ema.safetensors")
+    target = ph.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sigma-rel", type=float)
+    target.add_argument("--half-life")
+    ph.add_argument("--at", help="snapshot time to reconstruct at (default: the latest)")
+    ph.add_argument("--dtype", default="float32")
+    ph.set_defaults(func=_posthoc)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status (2 for bad input, with the reason)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"ema-callbacks {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ large learning rate, where the raw weights bounce around and the average is stea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,8 +65,11 @@ def run_plain(
     batch_size: int = 32,
     seed: int = 0,
     quiet: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train with a plain PyTorch loop and :class:`~ema_callbacks.EMA`; one row per epoch."""
+    """Train with a plain PyTorch loop and :class:`~ema_callbacks.EMA`; one row per epoch,
+    evaluating both the training weights and the EMA weights after every epoch.
+    ``progress(done, total)`` is called after every step (and silences the per-epoch lines)."""
     torch.manual_seed(seed)
     x, y, xv, yv = digits_tensors(seed)
     model = _model()
@@ -82,6 +86,8 @@ def run_plain(
             loss.backward()
             opt.step()
             ema.step(model, samples=len(idx))
+            if progress is not None:
+                progress((epoch - 1) * steps + i + 1, epochs * steps)
         ema.end_epoch(model)
         raw_acc, raw_loss = _evaluate(model, xv, yv)
         with ema.swapped(model):
@@ -94,7 +100,7 @@ def run_plain(
             "ema_loss": ema_loss,
         }
         rows.append(row)
-        if not quiet:
+        if not quiet and progress is None:
             print(
                 f"epoch {epoch:2d}  raw acc {raw_acc:.4f} loss {raw_loss:.4f}  |  "
                 f"EMA acc {ema_acc:.4f} loss {ema_loss:.4f}",
