@@ -492,7 +492,15 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
     lines += ["## Targets (from this run)", "", "| target | met | measured |", "|---|---|---|"]
     for name, ok, value in checks:
         lines.append(f"| {name} | {'yes' if ok else '**no**'} | {value} |")
-    lines.append("")
+    lines += [
+        "",
+        "## Per-trainer overhead",
+        "",
+        "Time added to a training step by each adapter against the trainer's own EMA:",
+        "[Composer](performance_composer.md) (`benchmarks/bench_composer_overhead.py`),",
+        "[Lightning](performance_lightning.md) (`benchmarks/bench_lightning_overhead.py`).",
+        "",
+    ]
     return "\n".join(lines)
 
 
