@@ -12,13 +12,14 @@ Trainer hook                           controller event
 =====================================  =======================================================
 ``on_init_end``                        check the schedule's units against ``TrainingArguments``
 ``on_train_begin``                     ``fit_start`` (a fresh EMA, or the checkpoint's on resume;
-                                       DeepSpeed ZeRO-3 is refused with the reason)
+                                       under DeepSpeed ZeRO-3 the EMA of each rank's partitions)
 ``on_step_begin``, ``on_epoch_begin``  ``train_start`` (training weights in, whatever happened)
 ``on_step_end``                        ``batch_end`` (not when the optimizer step was skipped),
                                        then ``eval_start`` if ``control.should_evaluate``
 ``on_epoch_end``                       ``epoch_end``, then ``eval_start`` if ``should_evaluate``
 ``on_evaluate``                        ``eval_end`` (only after our own ``eval_start``)
-``on_save``                            ``state_dict`` -> ``checkpoint-N/ema_state.*``
+``on_save``                            ``state_dict`` -> ``checkpoint-N/ema_state.*`` (ZeRO-3:
+                                       ``ema_state-rank{r}-of{w}.*``, one pair per rank)
 ``on_train_end``                       (best checkpoint's EMA if ``load_best_model_at_end``),
                                        then ``fit_end``
 an exception in ``trainer.train()``    ``exception`` (training weights back), then re-raised
@@ -64,19 +65,13 @@ from torch import nn
 
 from ema_callbacks.controller import EMAController
 from ema_callbacks.schedule import Clock
+from ema_callbacks.weights import normalize_name, unwrap_model
 
 __all__ = ["EMATrainerCallback", "load_ema_state", "save_ema_state"]
 
 _TOKENS_HINT = (
     "the Trainer counts tokens only with TrainingArguments(include_num_input_tokens_seen=True) "
     "(or 'all' / 'non_padding'); set it, or give the time in 'ba', 'ep', 'sp' or 'dur'"
-)
-_ZERO3_REASON = (
-    "EMATrainerCallback does not support DeepSpeed ZeRO-3 yet: ZeRO-3 keeps each parameter as a "
-    "flat partition per rank (param.ds_tensor) and leaves an empty placeholder in the module, so "
-    "the EMA would have to average the partitions (not supported by the EMA engine yet) or "
-    "all-gather the whole model on every update (which this library refuses to do silently). "
-    "Use ZeRO stage 1 or 2, or DDP"
 )
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -86,9 +81,24 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # ---------------------------------------------------------------------------------------------
 
 
-def _paths(directory: str | os.PathLike[str], name: str) -> tuple[str, str]:
-    base = os.path.join(os.fspath(directory), f"{name}_state")
+def _paths(
+    directory: str | os.PathLike[str], name: str, shard: tuple[int, int] | None = None
+) -> tuple[str, str]:
+    suffix = "" if shard is None else f"-rank{shard[0]}-of{shard[1]}"
+    base = os.path.join(os.fspath(directory), f"{name}_state{suffix}")
     return base + ".safetensors", base + ".json"
+
+
+def _shard_files(directory: str | os.PathLike[str], name: str) -> dict[int, set[int]]:
+    """``{world size: {ranks}}`` of the per-rank (ZeRO-3) EMA files in ``directory``."""
+    pattern = re.compile(rf"^{re.escape(name)}_state-rank(\d+)-of(\d+)\.json$")
+    found: dict[int, set[int]] = {}
+    folder = os.fspath(directory)
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        match = pattern.match(entry)
+        if match:
+            found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+    return found
 
 
 def _atomic_write(path: str, write: Any) -> None:
@@ -105,11 +115,19 @@ def _atomic_write(path: str, write: Any) -> None:
 
 
 def save_ema_state(
-    state: Mapping[str, Any], directory: str | os.PathLike[str], name: str = "ema"
+    state: Mapping[str, Any],
+    directory: str | os.PathLike[str],
+    name: str = "ema",
+    shard: tuple[int, int] | None = None,
+    full_shapes: Mapping[str, Any] | None = None,
 ) -> None:
     """Write an :meth:`EMAController.state_dict` into ``directory`` as ``{name}_state.safetensors``
     (the tensors) and ``{name}_state.json`` (everything else), each atomically (temp file +
     ``os.replace``); the JSON is written last, so its presence means the pair is complete.
+
+    ``shard=(rank, world)`` writes one rank's part of a DeepSpeed ZeRO-3 EMA (its flat
+    partitions) as ``{name}_state-rank{rank}-of{world}.*``; ``full_shapes`` (name -> shape of
+    the whole tensor) lets :func:`load_ema_state` reassemble the partitions.
 
     >>> import tempfile, torch
     >>> ctrl = EMAController.create(half_life='4ba')
@@ -127,22 +145,35 @@ def save_ema_state(
             tensors[f"{group}/{key}"] = value.detach().contiguous()
     meta = {k: v for k, v in state.items() if k not in ("shadow", "training")}
     meta["tensors"] = {g: sorted(state.get(g) or {}) for g in ("shadow", "training") if g in state}
-    _atomic_write(_paths(directory, name)[0], lambda p: save_file(tensors, p))
+    if shard is not None:
+        meta["shard"] = {"rank": int(shard[0]), "world": int(shard[1])}
+        meta["full_shapes"] = {k: [int(n) for n in v] for k, v in (full_shapes or {}).items()}
+    tensor_path, json_path = _paths(directory, name, shard)
+    _atomic_write(tensor_path, lambda p: save_file(tensors, p))
 
     def write_json(path: str) -> None:
         with open(path, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
 
-    _atomic_write(_paths(directory, name)[1], write_json)
+    _atomic_write(json_path, write_json)
 
 
-def load_ema_state(directory: str | os.PathLike[str], name: str = "ema") -> dict[str, Any]:
+def load_ema_state(
+    directory: str | os.PathLike[str], name: str = "ema", shard: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """Read what :func:`save_ema_state` wrote (tensors on CPU): a state for
     :meth:`EMAController.load_state_dict`. ``state['shadow']`` is the EMA as a plain state dict
     of the bare model. Raises ``FileNotFoundError`` naming the files if they are not there.
+
+    ``shard=(rank, world)`` reads one rank's ZeRO-3 part as written. Without ``shard``, a folder
+    holding only per-rank ZeRO-3 files is reassembled into the full EMA (partitions
+    concatenated in rank order, padding trimmed, shapes restored; no processes needed).
     """
-    tensor_path, json_path = _paths(directory, name)
+    tensor_path, json_path = _paths(directory, name, shard)
     if not (os.path.isfile(tensor_path) and os.path.isfile(json_path)):
+        worlds = _shard_files(directory, name)
+        if shard is None and len(worlds) == 1:
+            return _merge_shards(directory, name, *next(iter(worlds.items())))
         raise FileNotFoundError(
             f"no EMA state in {os.fspath(directory)!r}: expected {os.path.basename(tensor_path)} "
             f"and {os.path.basename(json_path)}"
@@ -155,6 +186,32 @@ def load_ema_state(directory: str | os.PathLike[str], name: str = "ema") -> dict
             k[len(group) + 1 :]: v for k, v in tensors.items() if k.startswith(group + "/")
         }
     return state
+
+
+def _merge_shards(
+    directory: str | os.PathLike[str], name: str, world: int, ranks: set[int]
+) -> dict[str, Any]:
+    """The full EMA from the ``world`` per-rank ZeRO-3 files in ``directory``."""
+    if ranks != set(range(world)):
+        raise FileNotFoundError(
+            f"incomplete ZeRO-3 EMA state in {os.fspath(directory)!r}: {world} ranks wrote it, "
+            f"but only the files of ranks {sorted(ranks)} are there"
+        )
+    parts = [load_ema_state(directory, name, (r, world)) for r in range(world)]
+    merged = {k: v for k, v in parts[0].items() if k not in ("shard", "full_shapes")}
+    shapes = parts[0].get("full_shapes", {})
+    for group in ("shadow", "training"):
+        if group not in parts[0]:
+            continue
+        merged[group] = {}
+        for key, value in parts[0][group].items():
+            if key not in shapes:  # whole on every rank (buffers)
+                merged[group][key] = value
+                continue
+            full = torch.cat([p[group][key].reshape(-1) for p in parts])
+            numel = math.prod(shapes[key])
+            merged[group][key] = full[:numel].reshape(shapes[key]).clone()
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +227,48 @@ class _Run:
     eval_swap: bool = False  # we swapped the EMA in for an evaluation the Trainer is running
     samples_per_epoch: int | None = None
     steps_per_epoch: int | None = None
+    # DeepSpeed ZeRO-3: (rank, world) and the whole parameters' shapes; every rank saves its part
+    shard: tuple[int, int] | None = None
+    full_shapes: dict[str, list[int]] | None = None
+    release_gathered: Any = None  # ZeRO-3: DeepSpeed's empty_partition_cache, or None
+    gathered_as: str = "training"  # the weights DeepSpeed's gathered parameters came from
+
+
+def _sync_gathered(run: _Run, force: bool = False) -> None:
+    """Under DeepSpeed ZeRO-3 a forward gathers whole parameters from the partitions, and
+    DeepSpeed keeps some of them gathered afterwards (persistent parameters, always; others
+    until its trace says they are done, e.g. after a forward without backward). A swap writes
+    the partitions only, so when the weights in the model changed (EMA <-> training) the
+    gathered copies are released here, with DeepSpeed's ``empty_partition_cache`` (local, no
+    communication): the next forward gathers the weights now in the partitions."""
+    active = run.controller.weights_active
+    if run.release_gathered is not None and (force or active != run.gathered_as):
+        run.release_gathered()
+    run.gathered_as = active
+
+
+def _zero3_layout(model: nn.Module) -> tuple[tuple[int, int], dict[str, list[int]]] | None:
+    """``((rank, world), {name: full shape})`` when the model's parameters are DeepSpeed ZeRO-3
+    partitions (``param.ds_tensor``), None otherwise."""
+    params = {
+        normalize_name(n): p
+        for n, p in unwrap_model(model).named_parameters()
+        if getattr(p, "ds_tensor", None) is not None
+    }
+    if not params:
+        return None
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    groups = {dist.get_world_size(getattr(p, "ds_process_group", None)) for p in params.values()}
+    if groups != {world}:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 partitions the parameters over groups of {sorted(groups)} ranks, "
+            f"not over all {world} (MiCS or hierarchical partitioning): EMATrainerCallback "
+            "supports ZeRO-3 partitioned over the whole world only"
+        )
+    shapes = {n: [int(d) for d in p.ds_shape] for n, p in params.items()}  # type: ignore[attr-defined]
+    return (dist.get_rank(), world), shapes
 
 
 def _find_trainer(depth: int = 12) -> tuple[Any, dict[str, Any]]:
@@ -353,11 +452,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         def train(*args: Any, **kwargs: Any) -> Any:
             run.eval_swap = False
             run.controller.exception()
+            _sync_gathered(run)
             try:
                 return original(*args, **kwargs)
             except BaseException:
                 run.eval_swap = False
                 run.controller.exception()
+                _sync_gathered(run)
                 raise
 
         trainer.train = train
@@ -366,13 +467,37 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         if control.should_evaluate:
             self.controller.eval_start(model)
             self._run.eval_swap = self.controller.weights_active == "ema"
+            _sync_gathered(self._run)
+
+    def _load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The EMA state in checkpoint folder ``path``: under ZeRO-3 this rank's own file (or a
+        full state, whose partitions each rank then takes), otherwise the single file."""
+        shard = self._run.shard
+        if shard is None:
+            return load_ema_state(path, self.name)
+        try:
+            return load_ema_state(path, self.name, shard)
+        except FileNotFoundError:
+            if os.path.isfile(_paths(path, self.name)[1]):
+                return load_ema_state(path, self.name)  # a full EMA: sliced per rank on load
+            other = sorted(w for w in _shard_files(path, self.name) if w != shard[1])
+            if other:
+                raise ValueError(
+                    f"the EMA state in {os.fspath(path)!r} was written by {other[0]} ZeRO-3 ranks "
+                    f"and this run has {shard[1]}: the EMA partitions do not fit. Resume with "
+                    f"{other[0]} processes, or export the full EMA first: "
+                    "ema_callbacks.transformers.save_ema_state(load_ema_state(path), path) "
+                    f"writes {self.name}_state.* (reassembled from the rank files), which any "
+                    "world size can load"
+                ) from None
+            raise
 
     def _resume(self, args: Any, state: Any, resume_path: Any) -> None:
         path = resume_path if isinstance(resume_path, (str, os.PathLike)) else None
         if path is None:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         try:
-            self.controller.load_state_dict(load_ema_state(path, self.name))
+            self.controller.load_state_dict(self._load(path))
         except FileNotFoundError as err:
             if type(self).__name__ in (state.stateful_callbacks or {}):
                 raise FileNotFoundError(
@@ -410,6 +535,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         self._attach(trainer)
         run = self._run
         run.controller.exception()  # a previous train() may have left its EMA in
+        _sync_gathered(run)
         run.controller = EMAController.create(**self._options)
         run.eval_swap = False
         run.samples_per_epoch = run.steps_per_epoch = None
@@ -420,15 +546,28 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             run.steps_per_epoch = max(batches // accum + int(batches % accum > 0), 1)
         except (TypeError, AttributeError, NotImplementedError):
             pass  # no length: samples = global_step * total batch size
-        if any(hasattr(p, "ds_tensor") for p in model.parameters()):
-            raise NotImplementedError(_ZERO3_REASON)
+        layout = _zero3_layout(model)
+        run.shard, run.full_shapes = (None, None) if layout is None else layout
+        engine = getattr(trainer, "model_wrapped", None)
+        run.release_gathered = (
+            None if layout is None else getattr(engine, "empty_partition_cache", None)
+        )
+        if layout is not None and run.release_gathered is None:
+            raise ValueError(
+                "the model's parameters are DeepSpeed ZeRO-3 partitions, but the Trainer holds "
+                "no DeepSpeed engine (trainer.model_wrapped.empty_partition_cache) to release "
+                "the gathered weights after an EMA swap; train with the Trainer's own DeepSpeed "
+                "integration (TrainingArguments(deepspeed=...))"
+            )
         if state.global_step > 0:
             self._resume(args, state, frame.get("resume_from_checkpoint"))
         run.controller.fit_start(model, self._clock(args, state), _TOKENS_HINT)
+        _sync_gathered(run, force=True)  # a resume may have written training partitions
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.eval_swap = False
         self.controller.train_start()
+        _sync_gathered(self._run)
 
     on_epoch_begin = on_step_begin
 
@@ -451,6 +590,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     ) -> None:
         assert model is not None
         self.controller.train_start()
+        _sync_gathered(self._run)
         self.controller.epoch_end(model, self._clock(args, state))
         self._eval_start(control, model)
 
@@ -460,9 +600,12 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         if self._run.eval_swap:
             self._run.eval_swap = False
             self.controller.eval_end(model)
+            _sync_gathered(self._run)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not args.should_save:
+        # ZeRO-3: every rank holds a different part of the EMA, so every rank writes its own.
+        shard = self._run.shard
+        if shard is None and not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
@@ -471,7 +614,9 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
                 "is written into output_dir/checkpoint-<global_step>"
             )
         # training=None: the training weights are added only if the EMA is in the model.
-        save_ema_state(self.controller.state_dict(), folder, self.name)
+        save_ema_state(
+            self.controller.state_dict(), folder, self.name, shard, self._run.full_shapes
+        )
 
     def on_train_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -483,9 +628,10 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         if args.load_best_model_at_end and state.best_model_checkpoint:
             # The Trainer just loaded the best checkpoint's (training) weights; its metric was
             # measured on the weights evaluated then, i.e. that checkpoint's EMA.
-            controller.load_state_dict(load_ema_state(state.best_model_checkpoint, self.name))
+            controller.load_state_dict(self._load(state.best_model_checkpoint))
             controller.setup(model)
         controller.fit_end(model)
+        _sync_gathered(self._run, force=True)  # the Trainer may have loaded the best weights
 
     # -- using the EMA ---------------------------------------------------------------------
 
@@ -505,5 +651,9 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         ...     same is m
         True
         """
-        with self.controller.ema_weights(model):
-            yield model
+        try:
+            with self.controller.ema_weights(model):
+                _sync_gathered(self._run)
+                yield model
+        finally:
+            _sync_gathered(self._run)

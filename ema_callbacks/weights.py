@@ -151,6 +151,29 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
+def _is_zero3(t: Any) -> bool:
+    """Whether ``t`` is a DeepSpeed ZeRO-3 parameter, whose values on this rank are the flat
+    partition ``t.ds_tensor`` (a view into DeepSpeed's flat buffer, written by the optimizer).
+    The module's tensor is an empty placeholder, or for a persistent parameter (``ds_persist``)
+    a whole copy that DeepSpeed gathers from the partitions; the EMA averages the partition."""
+    return getattr(t, "ds_tensor", None) is not None
+
+
+def _zero3_partition(param: Any, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full value of ``param``: DeepSpeed's rule
+    (``partition_parameters.py``, ``_partition_param``) flattens the tensor, pads it with zeros
+    to a multiple of the partition world size and gives rank ``r`` chunk ``r``."""
+    import torch.distributed as dist
+
+    group = getattr(param, "ds_process_group", None)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = param.ds_tensor.numel()
+    flat = value.reshape(-1)
+    if size * world > flat.numel():
+        flat = torch.cat([flat, flat.new_zeros(size * world - flat.numel())])
+    return flat[rank * size : (rank + 1) * size]
+
+
 @torch.no_grad()
 def lerp_(shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight: float) -> None:
     """``shadow[i] += weight * (source[i] - shadow[i])`` for same-device, same-dtype lists.
@@ -188,10 +211,16 @@ class _Group:
         self.params = (
             [e.owner._parameters[e.attr] for e in entries] if entries[0].is_param else None
         )
+        # DeepSpeed ZeRO-3: the source is the rank's partition (read anew each update: the
+        # optimizer may re-point ``ds_tensor``), never the empty placeholder.
+        self.zero3 = [_is_zero3(p) for p in self.params] if self.params is not None else []
 
     def sources(self) -> list[torch.Tensor]:
         if self.params is not None:
-            return [_local(p.data) for p in self.params]  # type: ignore[union-attr]
+            return [
+                p.ds_tensor if z else _local(p.data)  # type: ignore[union-attr]
+                for p, z in zip(self.params, self.zero3, strict=True)
+            ]
         return [_local(e.owner._buffers[e.attr]) for e in self.entries]  # type: ignore[arg-type]
 
 
@@ -359,6 +388,8 @@ class EMAWeights:
     def _source_of(e: _Entry) -> torch.Tensor:
         t = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
         assert t is not None
+        if e.is_param and _is_zero3(t):
+            return t.ds_tensor  # type: ignore[attr-defined,no-any-return]
         return _local(t.data if e.is_param else t)
 
     def _shadow_dtype(self, src: torch.Tensor) -> torch.dtype:
@@ -599,10 +630,14 @@ class EMAWeights:
 
     def _swappable(self, e: _Entry) -> bool:
         src, sh = self._source_of(e), self.shadow[e.name]
+        live = e.owner._parameters[e.attr] if e.is_param else src
+        # ZeRO-3: ``ds_tensor`` is a view into DeepSpeed's flat partition buffer; exchanging its
+        # storage would detach it from that buffer, so the EMA partition is copied in instead.
         return (
             src.dtype == sh.dtype
             and src.device == sh.device
-            and not _is_dtensor(e.owner._parameters[e.attr] if e.is_param else src)  # type: ignore[arg-type]
+            and not _is_dtensor(live)  # type: ignore[arg-type]
+            and not _is_zero3(live)
         )
 
     @torch.no_grad()
@@ -781,7 +816,8 @@ class EMAWeights:
     def sharded_state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow as DTensors over the local shards (no copy, no communication), for
         ``torch.distributed.checkpoint.save``/``load``: loading writes into the shadow in place.
-        Unsharded entries are plain tensors."""
+        Unsharded entries are plain tensors, and so are DeepSpeed ZeRO-3 partitions (flat,
+        rank-local: save them per rank, or use :meth:`full_state_dict`)."""
         from torch.distributed.tensor import DTensor
 
         self.synchronize()
@@ -799,17 +835,42 @@ class EMAWeights:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole (unsharded) EMA on every rank: the one place sharded weights are gathered
-        (one all-gather per sharded tensor). For export; never called by updates or swaps."""
+        (one all-gather per sharded tensor: FSDP2 DTensor or DeepSpeed ZeRO-3 partition; every
+        rank must call it). For export; never called by updates or swaps."""
         out: dict[str, torch.Tensor] = {}
         for name, value in self.sharded_state_dict().items():
             out[name] = value.full_tensor() if _is_dtensor(value) else value  # type: ignore[attr-defined]
+        for e in self._entries:
+            param = e.owner._parameters[e.attr] if e.is_param else None
+            if param is not None and _is_zero3(param):
+                out[e.name] = self._zero3_gather(param, out[e.name])
         return out
+
+    @staticmethod
+    def _zero3_gather(param: Any, part: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every rank's ZeRO-3 partition ``part`` of ``param``: one
+        all-gather over the parameter's process group, then padding trimmed, shape restored."""
+        import torch.distributed as dist
+
+        group = getattr(param, "ds_process_group", None)
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        full = torch.cat(parts)[: int(param.ds_numel)]
+        return full.view(tuple(param.ds_shape))
 
     def _local_part(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """The rank-local part of a saved value: a DTensor's local tensor, the local slice of a
         full (gathered) tensor for a sharded entry, the value itself otherwise."""
         if _is_dtensor(value):
             return value.to_local()  # type: ignore[attr-defined]
+        shadow = self.shadow.get(name)
+        if shadow is not None and tuple(value.shape) != tuple(shadow.shape):
+            for e in self._entries:  # a full tensor for a ZeRO-3 partition: this rank's slice
+                param = e.owner._parameters[e.attr] if e.is_param and e.name == name else None
+                if param is not None and _is_zero3(param):
+                    if value.numel() != int(getattr(param, "ds_numel", -1)):
+                        return value  # wrong (the caller reports the shape mismatch)
+                    return _zero3_partition(param, value)
         spec = self._dtensor_specs.get(name)
         if spec is None:
             return value

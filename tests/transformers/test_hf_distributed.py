@@ -44,29 +44,3 @@ def test_ddp_two_ranks_hold_the_same_ema(tmp_path):
         assert_close(rank["eval"][6], reference_ema(upto, {k: 0.25 for k in upto}, 0.5))
     # written once, by rank 0, into the checkpoint folder
     assert_close(load_ema_state(tmp_path / "checkpoint-8")["shadow"], expected)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_deepspeed_zero3_is_refused_with_the_reason(tmp_path):
-    pytest.importorskip("deepspeed")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": str(HERE.parent.parent),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
-        str(HERE / "hf_ddp_run.py"),
-        str(tmp_path),
-        "zero3",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode != 0
-    assert "does not support DeepSpeed ZeRO-3 yet" in done.stdout + done.stderr
-    assert "param.ds_tensor" in done.stdout + done.stderr
