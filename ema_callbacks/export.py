@@ -184,6 +184,18 @@ def _from_transformers_folder(folder: Path, name: str | None) -> EMAExtract:
             continue
         if isinstance(meta, dict) and meta.get("format") == STATE_FORMAT:
             ours.append(path)
+    ranked = sorted(folder.glob("*_state-rank*-of*.json"))
+    if ranked and not ours:
+        # DeepSpeed ZeRO-3: one partition per rank; the transformers adapter reassembles them.
+        prefix = ranked[0].name.split("_state-rank", 1)[0]
+        if name is not None and name != prefix:
+            raise ValueError(f"{folder}: no EMA state named {name!r} (found {prefix!r})")
+        from ema_callbacks.transformers import load_ema_state
+
+        full = load_ema_state(folder, prefix)["shadow"]
+        model_file = folder / "model.safetensors"
+        model_state = load_file(str(model_file), device="cpu") if model_file.is_file() else full
+        return _overlay(model_state, full, "transformers (ZeRO-3, reassembled)")
     if name is not None:
         ours = [p for p in ours if p.name == f"{name}_state.json"]
     if not ours:
@@ -192,11 +204,6 @@ def _from_transformers_folder(folder: Path, name: str | None) -> EMAExtract:
         names = ", ".join(p.name[: -len("_state.json")] for p in ours)
         raise ValueError(f"{folder}: several EMA states ({names}); choose one with --name")
     prefix = ours[0].name[: -len("_state.json")]
-    if "-rank" in prefix:
-        raise ValueError(
-            f"{folder}: the EMA is stored per rank ({ours[0].name}); export each rank's state or "
-            "gather the full EMA (EMAWeights.full_state_dict) while the job runs"
-        )
     meta = json.loads(ours[0].read_text())
     tensors = load_file(str(folder / f"{prefix}_state.safetensors"), device="cpu")
     shadow = {k[len("shadow/") :]: v for k, v in tensors.items() if k.startswith("shadow/")}

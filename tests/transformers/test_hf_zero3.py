@@ -110,6 +110,16 @@ def test_zero3_ema_is_partition_local_and_exact(zero3_run):
     assert "ema_state.json" not in names
     merged = load_ema_state(out / "a" / "checkpoint-8")
     assert _equal(merged["shadow"], ranks[0]["a"]["ema"][8])
+    # `ema-callbacks export` reassembles the rank files offline too
+    from safetensors.torch import load_file
+
+    from ema_callbacks.cli import main
+
+    exported_path = out / "exported.safetensors"
+    assert main(["export", str(out / "a" / "checkpoint-8"), "-o", str(exported_path)]) == 0
+    exported = load_file(exported_path)
+    for key, value in ranks[0]["a"]["ema"][8].items():
+        assert torch.equal(exported[key], value), key
 
 
 @pytest.mark.slow
