@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.process_group import run_group
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         str(WORKER),
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    proc = run_group(cmd, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -5,12 +5,13 @@ uninterrupted one bit for bit."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.process_group import run_group
 
 SCRIPT = Path(__file__).with_name("lightning_ddp_script.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,14 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.distributed
 def test_ddp_ranks_agree_and_resume_is_bit_identical(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    result = run_group([sys.executable, str(SCRIPT), str(tmp_path)], timeout=420, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     def out(phase: str, rank: int) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from hf_tiny import assert_close, assert_equal, reference_ema
 
 from ema_callbacks.transformers import load_ema_state
+from tests.process_group import run_group
 
 HERE = Path(__file__).parent
 
@@ -29,7 +29,7 @@ def test_ddp_two_ranks_hold_the_same_ema(tmp_path):
         str(HERE / "hf_ddp_run.py"),
         str(tmp_path),
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = run_group(cmd, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world"] == 2

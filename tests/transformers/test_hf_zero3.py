@@ -4,7 +4,6 @@ and the per-rank checkpoint files it writes."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from hf_tiny import TinyRegressor, reference_ema
 
 from ema_callbacks.controller import EMAController
 from ema_callbacks.transformers import EMATrainerCallback, load_ema_state, save_ema_state
+from tests.process_group import run_group
 
 HERE = Path(__file__).parent
 
@@ -47,7 +47,7 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
         str(HERE / "hf_zero3_run.py"),
         str(out),
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, timeout=300, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return out, ranks
