@@ -38,8 +38,7 @@ import datetime
 import json
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,36 +46,14 @@ from typing import Any
 import torch
 
 from ema_callbacks.controller import STATE_FORMAT
+from ema_callbacks.files import atomic_write
 from ema_callbacks.weights import _as_dtype, normalize_name
 
-__all__ = ["UnsafeCheckpointError", "atomic_write", "export_ema", "read_ema", "safe_torch_load"]
+__all__ = ["UnsafeCheckpointError", "export_ema", "read_ema", "safe_torch_load"]
 
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint would need arbitrary pickled code to load; it is not loaded."""
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``:
-    readers see the old file or the whole new one, never a partial write.
-
-    >>> import tempfile
-    >>> target = os.path.join(tempfile.mkdtemp(), 'a.txt')
-    >>> atomic_write(target, lambda p: Path(p).write_text('done'))
-    >>> Path(target).read_text()
-    'done'
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _allowed_globals() -> list[Any]:
@@ -193,9 +170,7 @@ def _from_transformers_folder(folder: Path, name: str | None) -> EMAExtract:
         from ema_callbacks.transformers import load_ema_state
 
         full = load_ema_state(folder, prefix)["shadow"]
-        model_file = folder / "model.safetensors"
-        model_state = load_file(str(model_file), device="cpu") if model_file.is_file() else full
-        return _overlay(model_state, full, "transformers (ZeRO-3, reassembled)")
+        return _overlay(_model_file_state(folder, full), full, "transformers (ZeRO-3, reassembled)")
     if name is not None:
         ours = [p for p in ours if p.name == f"{name}_state.json"]
     if not ours:
@@ -208,14 +183,21 @@ def _from_transformers_folder(folder: Path, name: str | None) -> EMAExtract:
     tensors = load_file(str(folder / f"{prefix}_state.safetensors"), device="cpu")
     shadow = {k[len("shadow/") :]: v for k, v in tensors.items() if k.startswith("shadow/")}
     del meta
-    model_file = folder / "model.safetensors"
-    if model_file.is_file():
-        model_state: Mapping[str, torch.Tensor] = load_file(str(model_file), device="cpu")
-    elif (folder / "pytorch_model.bin").is_file():
-        model_state = safe_torch_load(folder / "pytorch_model.bin")
-    else:
-        model_state = dict(shadow)  # no model file: the EMA alone
-    return _overlay(model_state, shadow, "transformers")
+    return _overlay(_model_file_state(folder, shadow), shadow, "transformers")
+
+
+def _model_file_state(
+    folder: Path, shadow: Mapping[str, torch.Tensor]
+) -> Mapping[str, torch.Tensor]:
+    """The model's own weights saved in a transformers checkpoint folder (the EMA alone when
+    there is no model file, e.g. ZeRO-3 without a gathered 16-bit save)."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"), device="cpu")
+    if (folder / "pytorch_model.bin").is_file():
+        return dict(safe_torch_load(folder / "pytorch_model.bin"))
+    return dict(shadow)
 
 
 def _find_our_state(obj: Any) -> Mapping[str, Any] | None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ema_callbacks.files import atomic_write
 from ema_callbacks.schedule import sigma_rel_to_gamma
 from ema_callbacks.time_strings import Time, TimeUnit
 
@@ -387,20 +387,8 @@ def _storage_dtype(dtype: Any) -> torch.dtype | None:
 def _atomic_save(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
-    """Write a safetensors file to a temporary name in the same folder, flush it to disk, then
-    rename it over ``path``: readers see the old file or the complete new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a safetensors file atomically (:func:`ema_callbacks.files.atomic_write`)."""
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
 
 
 def _time_and_unit(time: Any, unit: str | None, name: str) -> tuple[float, str]:

@@ -42,7 +42,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,6 +63,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ema_callbacks.controller import EMAController
+from ema_callbacks.files import atomic_write
 from ema_callbacks.schedule import Clock
 from ema_callbacks.weights import normalize_name, unwrap_model
 
@@ -101,19 +101,6 @@ def _shard_files(directory: str | os.PathLike[str], name: str) -> dict[int, set[
     return found
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_ema_state(
     state: Mapping[str, Any],
     directory: str | os.PathLike[str],
@@ -149,13 +136,13 @@ def save_ema_state(
         meta["shard"] = {"rank": int(shard[0]), "world": int(shard[1])}
         meta["full_shapes"] = {k: [int(n) for n in v] for k, v in (full_shapes or {}).items()}
     tensor_path, json_path = _paths(directory, name, shard)
-    _atomic_write(tensor_path, lambda p: save_file(tensors, p))
+    atomic_write(tensor_path, lambda p: save_file(tensors, p))
 
     def write_json(path: str) -> None:
         with open(path, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
 
-    _atomic_write(json_path, write_json)
+    atomic_write(json_path, write_json)
 
 
 def load_ema_state(

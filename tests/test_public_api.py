@@ -17,6 +17,8 @@ CORE_MODULES = [
     "ema_callbacks.weights",
     "ema_callbacks.controller",
     "ema_callbacks.ema",
+    "ema_callbacks.export",
+    "ema_callbacks.files",
     "ema_callbacks.posthoc",
 ]
 
