@@ -46,7 +46,7 @@ test-main: .venv/.installed
 	.venv/bin/python -m pytest -p no:cacheprovider tests ema_callbacks docs README.md
 
 test-composer: .venv-composer/.installed
-	.venv-composer/bin/python -m pytest -p no:cacheprovider tests/composer tests/core ema_callbacks/composer.py docs/composer.md -m "not distributed"
+	.venv-composer/bin/python -m pytest -p no:cacheprovider tests/composer tests/core ema_callbacks/composer.py ema_callbacks/examples ema_callbacks/run_config.py docs/composer.md -m "not distributed"
 
 # The README's test command: lint, types, then both suites.
 test: lint test-main test-composer

@@ -20,12 +20,25 @@ def _missing(module: str) -> bool:
 
 
 if _missing("composer"):
-    collect_ignore += ["ema_callbacks/composer.py", "tests/composer", "docs/composer.md"]
+    collect_ignore += [
+        "ema_callbacks/composer.py",
+        "ema_callbacks/examples/composer_digits.py",
+        "tests/composer",
+        "docs/composer.md",
+    ]
 if _missing("lightning"):
-    collect_ignore += ["ema_callbacks/lightning.py", "tests/lightning", "docs/lightning.md"]
+    collect_ignore += [
+        "ema_callbacks/lightning.py",
+        "ema_callbacks/examples/lightning_digits.py",
+        "tests/lightning",
+        "docs/lightning.md",
+    ]
 if _missing("transformers"):
     collect_ignore += [
         "ema_callbacks/transformers.py",
+        "ema_callbacks/examples/transformers_digits.py",
         "tests/transformers",
         "docs/transformers.md",
     ]
+if _missing("lightning") or _missing("transformers"):
+    collect_ignore += ["tests/test_run_config.py"]
