@@ -94,9 +94,9 @@ def _ours(model: nn.Module, guard: bool) -> Impl:
 
     dtype = str(next(iter(w.shadow.values())).dtype).replace("torch.", "")
     name = (
-        "ema_callbacks EMAWeights.update_ (default: non-finite guard on)"
+        "ema_callbacks EMAWeights.update_ (nonfinite='skip': the opt-in NaN/Inf guard)"
         if guard
-        else ("ema_callbacks EMAWeights.update_ (nonfinite='ignore')")
+        else "**ema_callbacks EMAWeights.update_ (default)**"
     )
     return Impl(name, dtype, lambda: w.update_(1 - DECAY), swap, peer=False)
 
@@ -238,8 +238,8 @@ def _torch_ema(model: nn.Module, fp32: bool = False) -> Impl:
 
 def builders(case_key: str) -> dict[str, Callable[[nn.Module], Impl]]:
     rows: dict[str, Callable[[nn.Module], Impl]] = {
-        "ours": lambda m: _ours(m, True),
-        "ours_noguard": lambda m: _ours(m, False),
+        "ours": lambda m: _ours(m, False),
+        "ours_guard": lambda m: _ours(m, True),
         "floor": _floor,
         "composer": _composer,
         "lightning": _lightning,
@@ -417,22 +417,14 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
                 f"{max(ts):.3g} | {med / floor:.2f} | {extra_s} | {frac_s} | {sw_s} |"
             )
         lines.append("")
-        if "ours" not in updates or "ours_noguard" not in updates:
+        if "ours" not in updates:
             checks.append((f"({res['key']}) this project ran", False, str(res["errors"])))
             continue
         ours = _median(updates["ours"])
-        ours_ng = _median(updates["ours_noguard"])
         target = 1.5 if res["key"] == "c" else 1.15
         checks.append(
             (
-                f"({res['key']}) update <= {target}x floor, guard off",
-                ours_ng / floor <= target,
-                f"{ours_ng / floor:.2f}x",
-            )
-        )
-        checks.append(
-            (
-                f"({res['key']}) update <= {target}x floor, default (guard on)",
+                f"({res['key']}) update <= {target}x floor",
                 ours / floor <= target,
                 f"{ours / floor:.2f}x",
             )
@@ -441,32 +433,34 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
             comp = _median(updates["composer"])
             checks.append(
                 (
-                    f"({res['key']}) >= 3x faster than Composer compute_ema (default)",
+                    f"({res['key']}) >= 3x faster than Composer compute_ema",
                     comp / ours >= 3,
                     f"{comp / ours:.2f}x",
                 )
             )
         peers = {
-            k: _median(v) for k, v in updates.items() if k not in ("ours", "ours_noguard", "floor")
+            k: _median(v) for k, v in updates.items() if k not in ("ours", "ours_guard", "floor")
         }
-        # peers whose shadow cannot hold the EMA (bf16 shadow) are not like for like in case (c)
+        # A bf16 shadow cannot hold the EMA (updates round away): in case (c) only peers with a
+        # float32 shadow are like for like.
         if res["key"] == "c":
             peers = {k: v for k, v in peers.items() if res["dtypes"][k] == "float32"}
         if peers:
             best = min(peers, key=lambda k: peers[k])
             checks.append(
                 (
-                    f"({res['key']}) no slower than the fastest peer ({res['labels'][best]}, "
-                    f"{peers[best]:.3g} ms), guard off",
-                    ours_ng <= peers[best] * 1.0,
-                    f"{ours_ng / peers[best]:.2f}x",
-                )
-            )
-            checks.append(
-                (
-                    f"({res['key']}) no slower than the fastest peer, default (guard on)",
+                    f"({res['key']}) no slower than the fastest peer ({res['labels'][best]}, {peers[best]:.3g} ms)",
                     ours <= peers[best],
                     f"{ours / peers[best]:.2f}x",
+                )
+            )
+        if "ours_guard" in updates:
+            guard = _median(updates["ours_guard"])
+            checks.append(
+                (
+                    f"({res['key']}) (information) the opt-in guard, nonfinite='skip', vs the default",
+                    True,
+                    f"{guard / ours:.2f}x",
                 )
             )
         if mem.get("ours", {}).get("update") is not None:
@@ -493,6 +487,23 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
     for name, ok, value in checks:
         lines.append(f"| {name} | {'yes' if ok else '**no**'} | {value} |")
     lines += [
+        "",
+        "## Reading the results",
+        "",
+        "- The default update is one `torch._foreach_lerp_` per (device, dtype) group: it moves "
+        "the same bytes as the floor, so it runs at the floor; peers that also use a fused lerp "
+        "on equal dtypes (timm, ema-pytorch, `AveragedModel` multi) reach it too on large "
+        "tensors, and differences between them there are run-to-run noise (a few %).",
+        "- Case (c): peers listed with a bfloat16 shadow move half the shadow bytes but do not "
+        "hold an EMA at this decay (`0.001 * (p - ema)` is below half a bf16 ulp, so most "
+        "updates round away); Composer is one of them. Among float32 shadows, ours stages the "
+        "bf16 weights through a small reusable float32 scratch and is the fastest.",
+        "- The opt-in non-finite guard (`nonfinite='skip'`) reads the weights once more per "
+        "update (a fused float32 2-norm) and, on CUDA, waits for one scalar: that is why it is "
+        "off by default.",
+        "- Swap: ours exchanges storage (`param.data`), so its time grows with the number of "
+        "tensors, not their size; the copying swaps of Composer and Lightning move the whole "
+        "model three times.",
         "",
         "## Per-trainer overhead",
         "",
