@@ -84,9 +84,9 @@ class _Progress:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
+            if self.bar.total != total:
+                self.bar.total = total
+            self.bar.update(done - self.bar.n)  # rate-limited by tqdm's mininterval
         elif total and (10 * done) // total != self.last:
             self.last = (10 * done) // total
             print(f"{self.label}: {done}/{total}", flush=True)
@@ -148,6 +148,7 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: str) -> bool:
 def _demo(args: argparse.Namespace) -> int:
     from ema_callbacks.demo import format_table, run_plain
 
+    started = time.perf_counter()
     runs: list[tuple[str, Callable[..., list[dict[str, Any]]]]] = [("plain", run_plain)]
     skipped = []
     for label, module, package in DEMO_TRAINERS:
@@ -166,7 +167,6 @@ def _demo(args: argparse.Namespace) -> int:
     if skipped:
         print(f"(not installed here: {', '.join(skipped)})")
     results: dict[str, list[dict[str, Any]]] = {}
-    started = time.perf_counter()
     for label, fn in runs:
         progress = _Progress(label)
         try:

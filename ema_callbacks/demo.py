@@ -114,15 +114,15 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
     >>> print(format_table({'plain': {'raw_accuracy': 0.9, 'raw_loss': 0.3,
     ...                               'ema_accuracy': 0.95, 'ema_loss': 0.2}}))
-    trainer   raw acc  EMA acc  raw loss  EMA loss
-    plain      0.9000   0.9500    0.3000    0.2000
+    trainer       raw acc  EMA acc  raw loss  EMA loss
+    plain          0.9000   0.9500    0.3000    0.2000
     """
-    lines = [
-        f"{'trainer':8s}  {'raw acc':>7s}  {'EMA acc':>7s}  {'raw loss':>8s}  {'EMA loss':>8s}"
-    ]
+    width = max(12, *(len(name) for name in results))
+    head = f"{'raw acc':>7s}  {'EMA acc':>7s}  {'raw loss':>8s}  {'EMA loss':>8s}"
+    lines = [f"{'trainer':{width}s}  {head}"]
     for name, r in results.items():
         lines.append(
-            f"{name:8s}  {r['raw_accuracy']:7.4f}  {r['ema_accuracy']:7.4f}  "
+            f"{name:{width}s}  {r['raw_accuracy']:7.4f}  {r['ema_accuracy']:7.4f}  "
             f"{r['raw_loss']:8.4f}  {r['ema_loss']:8.4f}"
         )
     return "\n".join(lines)
