@@ -146,7 +146,8 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: str) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ema_callbacks.demo import format_table, run_plain
+    from ema_callbacks.demo import format_table
+    from ema_callbacks.examples import run_digits_demo as run_plain
 
     started = time.perf_counter()
     runs: list[tuple[str, Callable[..., list[dict[str, Any]]]]] = [("plain", run_plain)]

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: The demo's optimiser: SGD with a large learning rate, where the raw weights bounce around
-#: and the average is steadier (as in :func:`ema_callbacks.demo.run_plain`).
+#: and the average is steadier.
 DEMO_LR = 0.2
 DEMO_MOMENTUM = 0.9
 DEMO_BATCH_SIZE = 32
