@@ -42,3 +42,11 @@ if _missing("transformers"):
     ]
 if _missing("lightning") or _missing("transformers"):
     collect_ignore += ["tests/test_run_config.py"]
+
+try:  # property tests: no per-example deadline (a loaded 2-core CI machine is slow, not wrong)
+    from hypothesis import settings
+
+    settings.register_profile("ema_callbacks", deadline=None)
+    settings.load_profile("ema_callbacks")
+except ImportError:  # pragma: no cover
+    pass
