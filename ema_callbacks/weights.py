@@ -174,6 +174,15 @@ def _zero3_partition(param: Any, value: torch.Tensor) -> torch.Tensor:
     return flat[rank * size : (rank + 1) * size]
 
 
+def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules in ``model``; empty without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 @torch.no_grad()
 def lerp_(shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight: float) -> None:
     """``shadow[i] += weight * (source[i] - shadow[i])`` for same-device, same-dtype lists.
@@ -303,6 +312,7 @@ class EMAWeights:
         self._mixed: list[_Group] = []
         self._copies: list[_Group] = []
         self._bound: nn.Module | None = None
+        self._fsdp2: list[nn.Module] = []
         self._swapped = False
         self._held: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] = {}
@@ -343,6 +353,8 @@ class EMAWeights:
 
     def _select(self, model: nn.Module) -> list[_Entry]:
         root = unwrap_model(model)
+        for module in _fsdp2_modules(root):  # sharded parameters in place, whatever ran last
+            module.reshard()  # type: ignore[operator]
         if any(type(m).__name__ == "FullyShardedDataParallel" for m in root.modules()):
             raise ValueError(
                 "FSDP1 (FullyShardedDataParallel) is not supported: its flat parameters hide the "
@@ -427,6 +439,7 @@ class EMAWeights:
                 )
         self._entries = entries
         self._bound = model
+        self._fsdp2 = _fsdp2_modules(unwrap_model(model))
         self._dtensor_specs = {}
         for e in entries:
             live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
@@ -454,6 +467,13 @@ class EMAWeights:
         total = sum(t.numel() for t in self.shadow.values())
         self._scratch_numel = max(_SCRATCH_MIN, min(_SCRATCH_MAX, total // 32))
         self._scratch.clear()
+
+    def _reshard(self) -> None:
+        """FSDP2 leaves a module's parameters unsharded after a forward that no backward
+        follows (evaluation): put the sharded parameters back (local, no communication) before
+        touching the model's tensors. A no-op without FSDP2 or when already sharded."""
+        for module in self._fsdp2:
+            module.reshard()  # type: ignore[operator]
 
     @property
     def bound_model(self) -> nn.Module | None:
@@ -648,6 +668,7 @@ class EMAWeights:
         self._check_bound(model)
         if self._swapped:
             return
+        self._reshard()
         copy_dst: list[torch.Tensor] = []
         copy_src: list[torch.Tensor] = []
         backups: list[torch.Tensor] = []
@@ -688,6 +709,7 @@ class EMAWeights:
         """Put the training weights back; idempotent."""
         if not self._swapped:
             return
+        self._reshard()
         copy_dst: list[torch.Tensor] = []
         copy_src: list[torch.Tensor] = []
         for e in self._entries:
@@ -740,6 +762,7 @@ class EMAWeights:
         if self._swapped:
             raise RuntimeError("the EMA weights are swapped in; swap out before copy_to")
         self._check_bound(model)
+        self._reshard()
         dst = [self._source_of(e) for e in self._entries]
         src = [self.shadow[e.name] for e in self._entries]
         torch._foreach_copy_(dst, src)
@@ -747,6 +770,7 @@ class EMAWeights:
     def training_state_dict(self) -> dict[str, torch.Tensor]:
         """The training weights of the tracked tensors by normalised name, wherever they are:
         in the model, or held aside while the EMA is swapped in (live tensors; clone to keep)."""
+        self._reshard()
         out: dict[str, torch.Tensor] = {}
         for e in self._entries:
             if self._swapped:
@@ -760,6 +784,7 @@ class EMAWeights:
         """Write saved training weights into the model (swapped out first). Names must match."""
         if self._swapped:
             self.swap_out()
+        self._reshard()
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if missing or unexpected:
@@ -775,6 +800,7 @@ class EMAWeights:
         """The shadow keyed by ``model``'s own names, in the model's dtypes (for
         ``torch.func.functional_call``). Shares storage where dtypes match."""
         self._check_bound(model)
+        self._reshard()
         self.synchronize()
         out: dict[str, torch.Tensor] = {}
         for e in self._entries:

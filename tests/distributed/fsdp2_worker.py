@@ -105,6 +105,43 @@ def main() -> None:
         for k in weights.shadow
     )
 
+    # Root-only sharding: the root module owns the weights, and FSDP2 leaves them unsharded
+    # after a forward with no backward (evaluation); swapping must still work.
+    root_model = build()
+    fully_shard(root_model)
+    root_ref = build()
+    root_opt = torch.optim.SGD(root_model.parameters(), lr=0.05)
+    root_ref_opt = torch.optim.SGD(root_ref.parameters(), lr=0.05)
+    root_ema, root_ref_ema = EMA(root_model, half_life="2ba"), EMA(root_ref, half_life="2ba")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(per_rank * world, 16, generator=gen)
+        y = torch.randn(per_rank * world, 4, generator=gen)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        nn.functional.mse_loss(root_model(x[mine]), y[mine]).backward()
+        root_opt.step()
+        root_opt.zero_grad()
+        nn.functional.mse_loss(root_ref(x), y).backward()
+        root_ref_opt.step()
+        root_ref_opt.zero_grad()
+        root_ema.step(root_model)
+        root_ref_ema.step(root_ref)
+    with torch.no_grad():
+        root_model(x)  # forward, no backward: the root's weights stay unsharded
+
+    def full(t: torch.Tensor) -> torch.Tensor:  # DTensor when sharded, plain when unsharded
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    unsharded = not any(hasattr(p, "full_tensor") for p in root_model.parameters())
+    before = {n: full(p.detach()).clone() for n, p in root_model.named_parameters()}
+    with root_ema.swapped(root_model), torch.no_grad():
+        got = root_model(x)
+    with root_ref_ema.swapped(root_ref), torch.no_grad():
+        want = root_ref(x)
+    after = {n: full(p.detach()) for n, p in root_model.named_parameters()}
+    root_restored = all(torch.equal(before[n], after[n]) for n in before)
+    root_eval_diff = float((got - want).abs().max())
+
     result = {
         "rank": rank,
         "world": world,
@@ -118,6 +155,9 @@ def main() -> None:
         "dcp_round_trip": dcp_ok,
         "full_state_load": full_load_ok,
         "num_updates": ema.num_updates,
+        "root_only_unsharded_before_swap": unsharded,
+        "root_only_restored": root_restored,
+        "root_only_eval_diff": root_eval_diff,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -62,3 +62,10 @@ def test_sharded_checkpoint_and_full_state_load(results: list[dict]) -> None:
     for r in results:
         assert r["dcp_round_trip"]
         assert r["full_state_load"]
+
+
+def test_root_only_sharding_swaps_after_an_eval_forward(results: list[dict]) -> None:
+    for r in results:
+        assert r["root_only_unsharded_before_swap"]  # the condition that used to break swaps
+        assert r["root_only_restored"]  # training weights back, bit for bit
+        assert r["root_only_eval_diff"] < 1e-5  # the swapped-in EMA is what evaluation saw
