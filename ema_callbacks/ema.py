@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ema_callbacks.controller import EMAController
-from ema_callbacks.schedule import Clock, Schedule
+from ema_callbacks.schedule import Clock
 from ema_callbacks.time_strings import Time, TimeUnit
 
 __all__ = [
@@ -103,7 +103,7 @@ class EMA:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        schedule = Schedule(
+        self.controller = EMAController.create(
             half_life=half_life,
             smoothing=smoothing,
             sigma_rel=sigma_rel,
@@ -113,6 +113,14 @@ class EMA:
             warmup_gamma=warmup_gamma,
             warmup_power=warmup_power,
             rampup_ratio=rampup_ratio,
+            include=include,
+            exclude=exclude,
+            trainable_only=trainable_only,
+            buffers=buffers,
+            dtype=dtype,
+            device=device,
+            nonfinite=nonfinite,
+            stream=stream,
         )
         if steps_per_epoch is not None:
             steps_per_epoch = _count(steps_per_epoch, "steps_per_epoch")
@@ -131,22 +139,11 @@ class EMA:
                 raise ValueError(
                     f"max_duration must be positive and finite; got '{self.max_duration}'"
                 )
-        if TimeUnit.DURATION in schedule.units and self.max_duration is None:
+        if TimeUnit.DURATION in self.controller.schedule.units and self.max_duration is None:
             raise ValueError(
                 "this EMA uses 'dur' times, which need the planned length of the run: "
                 "pass max_duration='10ep' (or '5000ba', ...)"
             )
-        self.controller = EMAController(
-            schedule,
-            include=include,
-            exclude=exclude,
-            trainable_only=trainable_only,
-            buffers=buffers,
-            dtype=dtype,
-            device=device,
-            nonfinite=nonfinite,
-            stream=stream,
-        )
         self.controller.fit_start(model)
         self._batch = 0
         self._epoch = 0
