@@ -43,3 +43,33 @@ def run_group(
 def _kill(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(
+    script: str | os.PathLike[str],
+    *args: str | os.PathLike[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    nproc: int = 2,
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=N script args...`` through :func:`run_group`,
+    with one CPU thread per process, the repository on ``PYTHONPATH`` and ``env`` added;
+    fails the test with the end of its output unless every process succeeded."""
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.fspath(script),
+        *map(os.fspath, args),
+    ]
+    done = run_group(cmd, timeout=timeout, env=full_env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done

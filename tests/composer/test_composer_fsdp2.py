@@ -10,13 +10,11 @@ gathered training weights of this very run instead (see composer_fsdp2_run.py).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.process_group import run_group
+from tests.process_group import torchrun
 
 pytestmark = [pytest.mark.slow]
 
@@ -27,18 +25,7 @@ BATCHES = 8
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("composer_fsdp2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        str(WORKER),
-        str(out),
-    ]
-    proc = run_group(cmd, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(WORKER, out, timeout=180)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

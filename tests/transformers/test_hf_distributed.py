@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 from hf_tiny import assert_close, assert_equal, reference_ema
 
 from ema_callbacks.transformers import load_ema_state
-from tests.process_group import run_group
+from tests.process_group import torchrun
 
 HERE = Path(__file__).parent
 
@@ -19,18 +17,7 @@ HERE = Path(__file__).parent
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_two_ranks_hold_the_same_ema(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "hf_ddp_run.py"),
-        str(tmp_path),
-    ]
-    done = run_group(cmd, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(HERE / "hf_ddp_run.py", tmp_path, timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world"] == 2
     assert_equal(r0["ema"], r1["ema"])

@@ -4,7 +4,6 @@ and the per-rank checkpoint files it writes."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from hf_tiny import TinyRegressor, reference_ema
 
 from ema_callbacks.controller import EMAController
 from ema_callbacks.transformers import EMATrainerCallback, load_ema_state, save_ema_state
-from tests.process_group import run_group
+from tests.process_group import torchrun
 
 HERE = Path(__file__).parent
 
@@ -32,23 +31,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("zero3")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": str(HERE.parent.parent),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "hf_zero3_run.py"),
-        str(out),
-    ]
-    done = run_group(cmd, timeout=300, env=env)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    torchrun(HERE / "hf_zero3_run.py", out, timeout=300, env={"DS_ACCELERATOR": "cpu"})
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return out, ranks
 
