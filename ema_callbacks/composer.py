@@ -338,7 +338,7 @@ class EMA(Algorithm):  # type: ignore[misc]
         if (
             clock.token == 0
             and clock.batch > 0
-            and any(u.value == "tok" for u in self.controller.schedule.units)
+            and any(u.value == "tok" for u in self.controller.units)
         ):
             raise ValueError(
                 "the EMA schedule counts tokens ('tok') but Composer counted none; " + _CLOCK_HINT

@@ -15,6 +15,15 @@ Adapters translate their trainer's hooks into these events and its counters into
 ``exception``       training weights back, whatever happened
 ==================  ===========================================================================
 
+Several EMAs (*profiles*) can be tracked at once, e.g. ``half_life=['100ba', '1000ba']``: each
+profile has its own schedule and shadow, and the profiles due at the same step are updated in
+the same multi-tensor calls (:func:`~ema_callbacks.weights.update_together_`). The first
+profile is the *primary* one: the one swapped in for evaluation when only one can be, kept at
+the end of training, and exported by default. With several profiles, evaluation covers the
+training weights and every profile (``eval_all``): adapters run the trainer's evaluation on the
+training weights and once more per profile, with metric names prefixed by the profile name
+(``ema_1000ba/accuracy``).
+
 >>> import torch
 >>> from ema_callbacks.schedule import Clock, Schedule
 >>> model = torch.nn.Linear(2, 2)
@@ -34,48 +43,123 @@ True
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ema_callbacks.schedule import Clock, Schedule, ScheduleState
-from ema_callbacks.time_strings import TimeUnit
-from ema_callbacks.weights import BUFFER_POLICIES, NONFINITE_POLICIES, EMAWeights, _as_dtype
+from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update
+from ema_callbacks.time_strings import Time, TimeUnit
+from ema_callbacks.weights import (
+    BUFFER_POLICIES,
+    NONFINITE_POLICIES,
+    EMAWeights,
+    _as_dtype,
+    update_together_,
+)
 
 __all__ = [
     "EMAController",
+    "EMAProfile",
     "FINAL_WEIGHTS",
     "STATE_FORMAT",
     "STATE_VERSION",
+    "profile_name",
 ]
 
 STATE_FORMAT = "ema_callbacks"
 STATE_VERSION = 1
 FINAL_WEIGHTS = ("ema", "training")
+_SCHEDULE_KEYS = (
+    "half_life",
+    "smoothing",
+    "sigma_rel",
+    "update_interval",
+    "start",
+    "warmup",
+    "warmup_gamma",
+    "warmup_power",
+    "rampup_ratio",
+)
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def profile_name(schedule: Schedule) -> str:
+    """The default name of a profile, used as its metric prefix.
+
+    >>> profile_name(Schedule(half_life='1000ba')), profile_name(Schedule(smoothing=0.999))
+    ('ema_1000ba', 'ema_0.999')
+    >>> profile_name(Schedule(sigma_rel=0.05))
+    'ema_sigma_rel0.05'
+    """
+    if schedule.half_life is not None:
+        return f"ema_{schedule.half_life}"
+    if schedule.smoothing is not None:
+        return f"ema_{schedule.smoothing:g}"
+    return f"ema_sigma_rel{schedule.sigma_rel:g}"
+
+
+@dataclass
+class EMAProfile:
+    """One EMA tracked by an :class:`EMAController`: its name, schedule, schedule state and
+    shadow weights (built at ``fit_start``).
+
+    >>> ctrl = EMAController.create(half_life=['100ba', '1000ba'])
+    >>> [p.name for p in ctrl.profiles]
+    ['ema_100ba', 'ema_1000ba']
+    """
+
+    name: str
+    schedule: Schedule
+    state: ScheduleState = field(default_factory=ScheduleState)
+    weights: EMAWeights | None = None
+    pending: dict[str, torch.Tensor] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.state.started
 
 
 class EMAController:
-    """Owns a :class:`Schedule`, its state and the :class:`EMAWeights`; reacts to events.
+    """Owns one or more EMA profiles (a :class:`Schedule`, its state and the
+    :class:`EMAWeights` each); reacts to events.
 
     Args:
-        schedule: when to update and with which smoothing.
+        schedule: when to update and with which smoothing; a list of schedules tracks one EMA
+            per schedule (the first is the primary one).
+        names: one name per schedule (default :func:`profile_name`: ``'ema_1000ba'``); names are
+            metric prefixes, so letters, digits, ``_``, ``.`` and ``-`` only, and unique.
         include, exclude, trainable_only, buffers, dtype, device, nonfinite, stream: passed to
-            :class:`~ema_callbacks.weights.EMAWeights` (validated here, at construction).
-        final_weights: which weights the model holds after ``fit_end``: ``'ema'`` (default)
-            or ``'training'``.
+            :class:`~ema_callbacks.weights.EMAWeights` (validated here, at construction); shared
+            by every profile.
+        final_weights: which weights the model holds after ``fit_end``: ``'ema'`` (default, the
+            primary profile) or ``'training'``.
         eval_with_ema: swap the EMA in for evaluation (default True).
+        eval_all: evaluate the training weights and every profile in each evaluation, with the
+            profiles' metrics prefixed by their names (default: True with several profiles,
+            False with one, which keeps the trainer's metric names for the EMA).
         train_with_ema_weights: after every update, copy the EMA into the training weights
-            (Composer's experimental option; the model then trains on the average).
+            (Composer's experimental option; the model then trains on the average). One
+            profile only.
+        snapshot_every: write post-hoc EMA snapshots of every ``sigma_rel`` profile on this
+            interval (a time string, ``'1000ba'``); see :mod:`ema_callbacks.posthoc`. Adapters
+            write them into the trainer's checkpoint folder.
+        snapshot_dtype: floating dtype of the snapshot files (``'float16'``, as EDM2).
+        snapshot_keep: keep only the latest this many snapshot times (default: all of them,
+            which post-hoc reconstruction wants).
     """
 
     def __init__(
         self,
-        schedule: Schedule,
+        schedule: Schedule | Sequence[Schedule],
         *,
+        names: Sequence[str] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         trainable_only: bool = True,
@@ -86,10 +170,41 @@ class EMAController:
         stream: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
+        eval_all: bool | None = None,
         train_with_ema_weights: bool = False,
+        snapshot_every: str | Time | None = None,
+        snapshot_dtype: str = "float16",
+        snapshot_keep: int | None = None,
     ) -> None:
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a Schedule; got {type(schedule).__name__}")
+        schedules = [schedule] if isinstance(schedule, Schedule) else schedule
+        if not isinstance(schedules, (list, tuple)) or not schedules:
+            raise TypeError(
+                f"schedule must be a Schedule or a non-empty list of them; got {schedule!r}"
+            )
+        for s in schedules:
+            if not isinstance(s, Schedule):
+                raise TypeError(f"schedule must be a Schedule; got {type(s).__name__}")
+        if names is None:
+            names = [profile_name(s) for s in schedules]
+        elif isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise TypeError(f"names must be a list of strings; got {names!r}")
+        if len(names) != len(schedules):
+            raise ValueError(
+                f"names must give one name per schedule; got {len(names)} names for "
+                f"{len(schedules)} schedules"
+            )
+        for n in names:
+            if not isinstance(n, str) or not _NAME.fullmatch(n):
+                raise ValueError(
+                    "profile names must be non-empty and use only letters, digits, '_', '.' "
+                    f"and '-' (they prefix metric names); got {n!r}"
+                )
+        dupes = sorted({n for n in names if list(names).count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"two EMA profiles share the name {dupes[0]!r}; give each profile a 'name' "
+                "(profiles=[{'name': 'fast', 'half_life': '100ba'}, ...])"
+            )
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f"buffers must be one of {BUFFER_POLICIES}; got {buffers!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -104,6 +219,15 @@ class EMAController:
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False; got {value!r}")
+        if eval_all is not None and not isinstance(eval_all, bool):
+            raise TypeError(f"eval_all must be True, False or None; got {eval_all!r}")
+        if eval_all and not eval_with_ema:
+            raise ValueError("eval_all=True evaluates the EMAs, so it needs eval_with_ema=True")
+        if train_with_ema_weights and len(schedules) > 1:
+            raise ValueError(
+                "train_with_ema_weights copies the EMA into the training weights, which needs a "
+                f"single EMA; got {len(schedules)} profiles"
+            )
         for name, patterns in (("include", include), ("exclude", exclude)):
             if patterns is not None and not (
                 isinstance(patterns, str)
@@ -123,9 +247,38 @@ class EMAController:
                 raise ValueError(
                     f"device must be a torch device like 'cpu' or 'cuda:0'; got {device!r}"
                 ) from err
+        self.snapshot_schedule: Schedule | None = None
+        if snapshot_every is not None:
+            self.snapshot_schedule = Schedule(smoothing=0.0, update_interval=snapshot_every)
+            if not any(s.sigma_rel is not None for s in schedules):
+                raise ValueError(
+                    f"snapshot_every={str(snapshot_every)!r} writes post-hoc EMA snapshots of "
+                    "the sigma_rel profiles, but there is none; track some, e.g. "
+                    "sigma_rel=[0.05, 0.10]"
+                )
+        from ema_callbacks.posthoc import _storage_dtype
 
-        self.schedule = schedule
-        self.state = ScheduleState()
+        if not isinstance(snapshot_dtype, str) or snapshot_dtype not in (
+            "float16",
+            "bfloat16",
+            "float32",
+            "float64",
+        ):
+            raise ValueError(
+                "snapshot_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64'; "
+                f"got {snapshot_dtype!r}"
+            )
+        _storage_dtype(snapshot_dtype)
+        if snapshot_keep is not None and (
+            isinstance(snapshot_keep, bool)
+            or not isinstance(snapshot_keep, int)
+            or snapshot_keep < 1
+        ):
+            raise ValueError(
+                f"snapshot_keep must be a positive integer or None; got {snapshot_keep!r}"
+            )
+
+        self.profiles = [EMAProfile(n, s) for n, s in zip(names, schedules, strict=True)]
         self.weights_kwargs: dict[str, Any] = {
             "include": include,
             "exclude": exclude,
@@ -138,18 +291,21 @@ class EMAController:
         }
         self.final_weights = final_weights
         self.eval_with_ema = eval_with_ema
+        self.eval_all = len(self.profiles) > 1 if eval_all is None else eval_all
         self.train_with_ema_weights = train_with_ema_weights
-        self.weights: EMAWeights | None = None
-        self._pending: dict[str, torch.Tensor] | None = None
+        self.snapshot_dtype = snapshot_dtype
+        self.snapshot_keep = snapshot_keep
+        self.snapshot_state = ScheduleState()
         self._pending_training: dict[str, torch.Tensor] | None = None
         self._final_swap = False
+        self._active: EMAProfile | None = None
 
     @classmethod
     def create(
         cls,
-        half_life: str | float | None = None,
-        smoothing: float | None = None,
-        sigma_rel: float | None = None,
+        half_life: str | float | Sequence[str | float] | None = None,
+        smoothing: float | Sequence[float] | None = None,
+        sigma_rel: float | Sequence[float] | None = None,
         update_interval: str | None = None,
         start: str = "0ba",
         warmup: str = "none",
@@ -167,26 +323,86 @@ class EMAController:
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         train_with_ema_weights: bool = False,
+        profiles: Sequence[Mapping[str, Any]] | None = None,
+        eval_all: bool | None = None,
+        snapshot_every: str | None = None,
+        snapshot_dtype: str = "float16",
+        snapshot_keep: int | None = None,
     ) -> EMAController:
         """Build a controller from the plain options every adapter exposes (all validated
         here, at construction).
 
+        Several EMAs: a list for one of ``half_life``, ``smoothing`` or ``sigma_rel`` (the
+        other schedule options are shared), or ``profiles``, a list of mappings that each
+        override the shared schedule options and may carry a ``name``.
+
         >>> EMAController.create(half_life='50ba', buffers='copy').schedule.describe()
         'half_life=50ba'
+        >>> EMAController.create(sigma_rel=[0.05, 0.10]).names
+        ['ema_sigma_rel0.05', 'ema_sigma_rel0.1']
+        >>> EMAController.create(profiles=[{'name': 'fast', 'half_life': '10ba'},
+        ...                                {'name': 'slow', 'smoothing': 0.999}]).names
+        ['fast', 'slow']
         """
-        schedule = Schedule(
-            half_life=half_life,
-            smoothing=smoothing,
-            sigma_rel=sigma_rel,
-            update_interval=update_interval,
-            start=start,
-            warmup=warmup,
-            warmup_gamma=warmup_gamma,
-            warmup_power=warmup_power,
-            rampup_ratio=rampup_ratio,
-        )
+        shared: dict[str, Any] = {
+            "update_interval": update_interval,
+            "start": start,
+            "warmup": warmup,
+            "warmup_gamma": warmup_gamma,
+            "warmup_power": warmup_power,
+            "rampup_ratio": rampup_ratio,
+        }
+        averaging = {"half_life": half_life, "smoothing": smoothing, "sigma_rel": sigma_rel}
+        lists = {k: v for k, v in averaging.items() if isinstance(v, (list, tuple))}
+        names: list[str] | None = None
+        if profiles is not None:
+            given = {k: v for k, v in averaging.items() if v is not None}
+            if given:
+                raise ValueError(
+                    "give either profiles or half_life/smoothing/sigma_rel, not both; got "
+                    f"profiles and {', '.join(f'{k}={v!r}' for k, v in given.items())}"
+                )
+            if isinstance(profiles, (str, Mapping)) or not isinstance(profiles, (list, tuple)):
+                raise TypeError(f"profiles must be a list of mappings; got {profiles!r}")
+            if not profiles:
+                raise ValueError("profiles must not be empty")
+            schedules, names = [], []
+            for i, item in enumerate(profiles):
+                if not isinstance(item, Mapping):
+                    raise TypeError(f"profiles[{i}] must be a mapping; got {item!r}")
+                unknown = sorted(set(item) - {"name", *_SCHEDULE_KEYS})
+                if unknown:
+                    raise ValueError(
+                        f"profiles[{i}] has unknown keys {unknown}; allowed: name, "
+                        + ", ".join(_SCHEDULE_KEYS)
+                    )
+                options = {**shared, **{k: v for k, v in item.items() if k != "name"}}
+                if options.get("update_interval") is None:
+                    options.pop("update_interval", None)
+                schedule = Schedule(**options)
+                schedules.append(schedule)
+                names.append(item.get("name", profile_name(schedule)))
+        elif lists:
+            if len(lists) > 1:
+                raise ValueError(
+                    "only one of half_life, smoothing and sigma_rel may be a list (one EMA per "
+                    f"element); got lists for {sorted(lists)}; use profiles=[...] to mix them"
+                )
+            ((key, values),) = lists.items()
+            if not values:
+                raise ValueError(f"{key} must not be an empty list")
+            others = {k: v for k, v in averaging.items() if k != key and v is not None}
+            if others:
+                raise ValueError(
+                    f"give exactly one of half_life, smoothing or sigma_rel; got {key}={values!r} "
+                    f"and {', '.join(f'{k}={v!r}' for k, v in others.items())}"
+                )
+            schedules = [Schedule(**{key: v}, **shared) for v in values]
+        else:
+            schedules = [Schedule(**averaging, **shared)]  # type: ignore[arg-type]
         return cls(
-            schedule,
+            schedules,
+            names=names,
             include=include,
             exclude=exclude,
             trainable_only=trainable_only,
@@ -197,14 +413,66 @@ class EMAController:
             stream=stream,
             final_weights=final_weights,
             eval_with_ema=eval_with_ema,
+            eval_all=eval_all,
             train_with_ema_weights=train_with_ema_weights,
+            snapshot_every=snapshot_every,
+            snapshot_dtype=snapshot_dtype,
+            snapshot_keep=snapshot_keep,
         )
 
     # -- properties -----------------------------------------------------------------------
 
     @property
+    def primary(self) -> EMAProfile:
+        """The first profile: swapped in when only one can be, kept at the end, exported."""
+        return self.profiles[0]
+
+    @property
+    def schedule(self) -> Schedule:
+        """The primary profile's schedule."""
+        return self.primary.schedule
+
+    @property
+    def state(self) -> ScheduleState:
+        """The primary profile's schedule state."""
+        return self.primary.state
+
+    @state.setter
+    def state(self, value: ScheduleState) -> None:
+        self.primary.state = value
+
+    @property
+    def weights(self) -> EMAWeights | None:
+        """The primary profile's shadow (None before ``fit_start``)."""
+        return self.primary.weights
+
+    @property
+    def names(self) -> list[str]:
+        """The profile names, primary first."""
+        return [p.name for p in self.profiles]
+
+    def profile(self, name: str | None = None) -> EMAProfile:
+        """The profile called ``name`` (the primary one for None)."""
+        if name is None:
+            return self.primary
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        raise KeyError(f"no EMA profile named {name!r}; the profiles are {self.names}")
+
+    @property
+    def units(self) -> set[TimeUnit]:
+        """Every unit the clock must count, for every profile and the snapshot interval."""
+        units: set[TimeUnit] = set()
+        for p in self.profiles:
+            units |= p.schedule.units
+        if self.snapshot_schedule is not None:
+            units |= self.snapshot_schedule.units
+        return units
+
+    @property
     def started(self) -> bool:
-        """Whether the EMA has been initialised (only then is it ever swapped in)."""
+        """Whether the (primary) EMA has been initialised (only then is it ever swapped in)."""
         return self.state.started
 
     @property
@@ -217,24 +485,38 @@ class EMAController:
 
     @property
     def smoothing(self) -> float | None:
-        """The smoothing (beta) of the last update."""
+        """The smoothing (beta) of the primary profile's last update."""
         return self.state.smoothing
 
     @property
     def weights_active(self) -> str:
-        """``'ema'`` while the EMA weights are in the model, ``'training'`` otherwise."""
-        return "ema" if self.weights is not None and self.weights.is_swapped else "training"
+        """``'ema'`` while EMA weights (of any profile) are in the model, ``'training'``
+        otherwise."""
+        return "ema" if self.active_profile is not None else "training"
+
+    @property
+    def active_profile(self) -> str | None:
+        """The name of the profile whose weights are in the model, or None."""
+        for p in self.profiles:
+            if p.weights is not None and p.weights.is_swapped:
+                return p.name
+        return None
 
     def metrics(self) -> dict[str, float]:
-        """Numbers worth logging: updates, skipped updates, last smoothing."""
-        out = {"num_updates": float(self.num_updates), "num_skipped": float(self.num_skipped)}
-        if self.smoothing is not None:
-            out["smoothing"] = float(self.smoothing)
+        """Numbers worth logging: updates, skipped updates, last smoothing (the primary
+        profile's unprefixed, the others' prefixed with their names)."""
+        out: dict[str, float] = {}
+        for i, p in enumerate(self.profiles):
+            prefix = "" if i == 0 else f"{p.name}/"
+            out[f"{prefix}num_updates"] = float(p.state.num_updates)
+            out[f"{prefix}num_skipped"] = float(p.state.num_skipped)
+            if p.state.smoothing is not None:
+                out[f"{prefix}smoothing"] = float(p.state.smoothing)
         return out
 
     def check_clock(self, clock: Clock, hint: str = "") -> None:
-        """Raise ``ValueError`` if ``clock`` lacks a unit the schedule needs."""
-        for unit in sorted(self.schedule.units, key=lambda u: u.value):
+        """Raise ``ValueError`` if ``clock`` lacks a unit a schedule needs."""
+        for unit in sorted(self.units, key=lambda u: u.value):
             if clock.get(unit) is None:
                 what = {
                     TimeUnit.SAMPLE: "samples",
@@ -243,9 +525,13 @@ class EMAController:
                     TimeUnit.EPOCH: "epochs",
                     TimeUnit.BATCH: "optimizer steps",
                 }[unit]
+                s = next(
+                    (p.schedule for p in self.profiles if unit in p.schedule.units),
+                    self.snapshot_schedule or self.schedule,
+                )
                 raise ValueError(
-                    f"the EMA schedule ({self.schedule.describe()}, update_interval="
-                    f"'{self.schedule.update_interval}', start='{self.schedule.start}') uses "
+                    f"the EMA schedule ({s.describe()}, update_interval="
+                    f"'{s.update_interval}', start='{s.start}') uses "
                     f"'{unit.value}' but {what} are not counted here"
                     + (f"; {hint}" if hint else "")
                 )
@@ -253,44 +539,59 @@ class EMAController:
     # -- events ---------------------------------------------------------------------------
 
     def setup(self, model: nn.Module) -> EMAWeights:
-        """Build the shadow from ``model`` (or re-bind it), applying any loaded state."""
-        if self.weights is None:
-            self.weights = EMAWeights(model, **self.weights_kwargs)
-        elif not self.weights.is_swapped:
-            self.weights.bind(model)
-        if self._pending is not None:
-            self.weights.load_state_dict(self._pending)
-            self._pending = None
+        """Build the shadows from ``model`` (or re-bind them), applying any loaded state.
+        Returns the primary profile's weights."""
+        for p in self.profiles:
+            if p.weights is None:
+                p.weights = EMAWeights(model, **self.weights_kwargs)
+            elif not p.weights.is_swapped:
+                p.weights.bind(model)
+            if p.pending is not None:
+                p.weights.load_state_dict(p.pending)
+                p.pending = None
         if self._pending_training is not None:
-            self.weights.load_training_(self._pending_training)
+            self._swap_out_all()
+            assert self.primary.weights is not None
+            self.primary.weights.load_training_(self._pending_training)
             self._pending_training = None
-        return self.weights
+        assert self.primary.weights is not None
+        return self.primary.weights
+
+    def _swap_out_all(self) -> None:
+        for p in self.profiles:
+            if p.weights is not None:
+                p.weights.swap_out()
 
     def fit_start(self, model: nn.Module, clock: Clock | None = None, hint: str = "") -> None:
         if clock is not None:
             self.check_clock(clock, hint)
-        if self.weights is not None and self.weights.is_swapped:
-            self.weights.swap_out()
+        self._swap_out_all()
         self._final_swap = False
         self.setup(model)
 
     def batch_end(self, model: nn.Module, clock: Clock) -> bool:
-        """One optimizer step done. Returns True if the EMA was updated."""
+        """One optimizer step done. Returns True if an EMA was updated."""
         return self._maybe_update(model, clock)
 
     def epoch_end(self, model: nn.Module, clock: Clock) -> bool:
-        """An epoch ended. Returns True if the EMA was updated."""
+        """An epoch ended. Returns True if an EMA was updated."""
         return self._maybe_update(model, clock)
 
     def _maybe_update(self, model: nn.Module, clock: Clock) -> bool:
-        update = self.schedule.due(clock, self.state)
-        if update is None:
+        due: list[tuple[EMAProfile, Update]] = []
+        for p in self.profiles:
+            u = p.schedule.due(clock, p.state)
+            if u is not None:
+                due.append((p, u))
+        if not due:
             return False
-        weights = self.setup(model) if self.weights is None else self.weights
-        if weights.is_swapped:
-            weights.swap_out()
-        if not weights.update_(update.weight, model):
-            self.schedule.skip(self.state)
+        if any(p.weights is None for p, _ in due):
+            self.setup(model)
+        self._swap_out_all()
+        weights = [p.weights for p, _ in due if p.weights is not None]
+        if not update_together_(weights, [u.weight for _, u in due], model):
+            for p, _ in due:
+                p.schedule.skip(p.state)
             warnings.warn(
                 "EMA update skipped: the model's weights hold NaN or Inf "
                 f"({self.state.num_skipped} skipped so far); the EMA keeps its last finite value",
@@ -298,52 +599,141 @@ class EMAController:
                 stacklevel=3,
             )
             return False
-        self.schedule.commit(clock, self.state, update)
+        for p, u in due:
+            p.schedule.commit(clock, p.state, u)
+        first, update = due[0]
         if self.train_with_ema_weights and not update.initialise:
-            weights.copy_to(model)
+            assert first.weights is not None
+            first.weights.copy_to(model)
         return True
 
     def eval_start(self, model: nn.Module) -> None:
-        if self.eval_with_ema and self.started and self.weights is not None:
+        """The trainer's evaluation begins: the primary EMA in, unless ``eval_all`` (then the
+        trainer evaluates the training weights and the adapter each profile with
+        :meth:`ema_weights`)."""
+        if self.eval_with_ema and not self.eval_all and self.started:
+            assert self.weights is not None
             self.weights.swap_in(model)
 
     def eval_end(self, model: nn.Module | None = None) -> None:
-        if self.weights is not None and not self._final_swap:
-            self.weights.swap_out()
+        if not self._final_swap:
+            self._swap_out_all()
 
     def train_start(self, model: nn.Module | None = None) -> None:
         """Training weights in (a training step is about to run)."""
         self._final_swap = False
-        if self.weights is not None:
-            self.weights.swap_out()
+        self._swap_out_all()
 
     def fit_end(self, model: nn.Module) -> None:
         if self.weights is None:
             return
+        self._swap_out_all()
         if self.final_weights == "ema" and self.started:
             self.weights.swap_in(model)
             self._final_swap = True
-        else:
-            self.weights.swap_out()
 
     def exception(self, model: nn.Module | None = None) -> None:
         """Training weights back in, whatever state the run was in."""
         self._final_swap = False
-        if self.weights is not None:
-            self.weights.swap_out()
+        self._swap_out_all()
 
     @contextmanager
-    def ema_weights(self, model: nn.Module) -> Iterator[None]:
-        """EMA weights in for the block (if started), previous weights back afterwards."""
-        weights = self.setup(model) if self.weights is None else self.weights
-        was = weights.is_swapped
-        if self.started:
-            weights.swap_in(model)
+    def ema_weights(self, model: nn.Module, profile: str | None = None) -> Iterator[None]:
+        """The EMA weights of ``profile`` (default the primary one) in for the block, if it has
+        started; the previous weights back afterwards, whatever happens.
+
+        >>> model = torch.nn.Linear(1, 1)
+        >>> ctrl = EMAController.create(half_life=['2ba', '20ba'])
+        >>> ctrl.fit_start(model, Clock(batch=0))
+        >>> _ = ctrl.batch_end(model, Clock(batch=1))
+        >>> with ctrl.ema_weights(model, 'ema_20ba'):
+        ...     ctrl.active_profile
+        'ema_20ba'
+        >>> ctrl.active_profile is None
+        True
+        """
+        target = self.profile(profile)
+        if target.weights is None:
+            self.setup(model)
+        assert target.weights is not None
+        was = self.active_profile
+        if was != target.name:
+            self._swap_out_all()
+            if target.started:
+                target.weights.swap_in(model)
         try:
             yield
         finally:
-            if not was:
-                weights.swap_out()
+            if was != target.name:
+                target.weights.swap_out()
+                if was is not None:
+                    previous = self.profile(was).weights
+                    assert previous is not None
+                    previous.swap_in(model)
+
+    # -- post-hoc snapshots ---------------------------------------------------------------
+
+    def snapshot_due(self, clock: Clock) -> bool:
+        """Whether a post-hoc snapshot is due at ``clock`` (``snapshot_every`` crossed and
+        some ``sigma_rel`` profile started)."""
+        if self.snapshot_schedule is None:
+            return False
+        if not any(p.schedule.sigma_rel is not None and p.started for p in self.profiles):
+            return False
+        return self.snapshot_schedule.due(clock, self.snapshot_state) is not None
+
+    def write_snapshots(
+        self, folder: str | Path, clock: Clock, *, write: bool = True
+    ) -> list[Path]:
+        """Write a snapshot of every started ``sigma_rel`` profile into ``folder`` (named
+        ``ema-{time}-sigma_rel{s}.safetensors``, time counted in the profile's update unit
+        since the start of training) and record the snapshot time. Sharded EMAs are gathered
+        (a collective: every rank calls this; only ranks with ``write=True`` write). With
+        ``snapshot_keep``, the files of older snapshot times in ``folder`` are deleted.
+        Returns the paths written.
+        """
+        from ema_callbacks.posthoc import find_snapshots, save_snapshot
+
+        assert self.snapshot_schedule is not None, "snapshot_every is not set"
+        written: list[Path] = []
+        for p in self.profiles:
+            if p.schedule.sigma_rel is None or not p.started or p.weights is None:
+                continue
+            unit = p.schedule.update_interval.unit
+            time = float(p.state.last.get(unit.value, 0.0))
+            if time <= 0:
+                continue
+            tensors = (
+                p.weights.full_state_dict() if p.weights.is_sharded else p.weights.state_dict()
+            )
+            if not write:
+                continue
+            averaged = {k: v for k, v in tensors.items() if p.weights._average.get(k, True)}
+            kept = {k: v for k, v in tensors.items() if k not in averaged}
+            label = Time(int(time) if time.is_integer() else time, unit)
+            path = Path(folder) / f"ema-{label}-sigma_rel{p.schedule.sigma_rel:g}.safetensors"
+            written.append(
+                save_snapshot(
+                    path,
+                    averaged,
+                    time=time,
+                    unit=unit.value,
+                    sigma_rel=p.schedule.sigma_rel,
+                    dtype=self.snapshot_dtype,
+                    buffers=kept,
+                )
+            )
+        self.snapshot_schedule.commit(
+            clock, self.snapshot_state, self.snapshot_schedule.due(clock, self.snapshot_state)
+        )
+        if write and self.snapshot_keep is not None and written:
+            found = [s for s in find_snapshots(folder) if s.path.parent == Path(folder).resolve()]
+            times = sorted({s.time for s in found})
+            old = set(times[: max(0, len(times) - self.snapshot_keep)])
+            for s in found:
+                if s.time in old:
+                    s.path.unlink(missing_ok=True)
+        return written
 
     # -- state ----------------------------------------------------------------------------
 
@@ -352,42 +742,63 @@ class EMAController:
             k: (str(v) if k in ("dtype", "device") and v is not None else v)
             for k, v in self.weights_kwargs.items()
         }
-        return {"schedule": self.schedule.config(), "weights": weights}
+        out: dict[str, Any] = {"schedule": self.schedule.config(), "weights": weights}
+        if len(self.profiles) > 1:
+            out["profiles"] = [{"name": p.name, **p.schedule.config()} for p in self.profiles]
+        if self.snapshot_schedule is not None:
+            out["snapshot_every"] = str(self.snapshot_schedule.update_interval)
+        return out
+
+    @staticmethod
+    def _shadow_of(p: EMAProfile) -> dict[str, torch.Tensor]:
+        if p.weights is not None:
+            return {k: v.detach().clone() for k, v in p.weights.state_dict().items()}
+        return dict(p.pending or {})
 
     def state_dict(self, training: bool | None = None) -> dict[str, Any]:
         """Versioned and name-keyed: ``{format, version, config, schedule, shadow,
-        weights_active}``, plus ``training`` (the training weights) when ``training`` is True,
-        or when it is None and the EMA is swapped in (then the model holds the EMA, so a
-        checkpoint of the model alone would lose the training weights).
+        weights_active}`` for the primary profile, ``profiles`` (``{name: {schedule, shadow}}``)
+        for the others, ``snapshot`` (the post-hoc snapshot clock), plus ``training`` (the
+        training weights) when ``training`` is True, or when it is None and an EMA is swapped
+        in (then the model holds an EMA, so a checkpoint of the model alone would lose the
+        training weights).
 
         Tensors are clones, so the result is safe to keep while training goes on.
         """
-        shadow: dict[str, torch.Tensor] = {}
-        if self.weights is not None:
-            shadow = {k: v.detach().clone() for k, v in self.weights.state_dict().items()}
-        elif self._pending is not None:
-            shadow = dict(self._pending)
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": self.config(),
             "schedule": self.state.to_dict(),
-            "shadow": shadow,
+            "shadow": self._shadow_of(self.primary),
             "weights_active": self.weights_active,
         }
+        if len(self.profiles) > 1:
+            state["profiles"] = {
+                p.name: {"schedule": p.state.to_dict(), "shadow": self._shadow_of(p)}
+                for p in self.profiles[1:]
+            }
+        if self.snapshot_schedule is not None:
+            state["snapshot"] = self.snapshot_state.to_dict()
         if training is None:
             training = self.weights_active == "ema"
         if training and self.weights is not None:
+            # The training weights, wherever they are (in the model, or held aside by the
+            # profile swapped in).
+            holder = self.profile(self.active_profile).weights if self.active_profile else None
+            source = holder if holder is not None else self.weights
             state["training"] = {
-                k: v.detach().clone() for k, v in self.weights.training_state_dict().items()
+                k: v.detach().clone() for k, v in source.training_state_dict().items()
             }
         return state
 
     def reset(self) -> None:
-        """Forget the schedule's progress and any state waiting to be applied (a new run);
-        the next due update initialises the EMA afresh."""
-        self.state = ScheduleState()
-        self._pending = None
+        """Forget the schedules' progress and any state waiting to be applied (a new run);
+        the next due update initialises the EMAs afresh."""
+        for p in self.profiles:
+            p.state = ScheduleState()
+            p.pending = None
+        self.snapshot_state = ScheduleState()
         self._pending_training = None
 
     def load_averaged(
@@ -396,9 +807,10 @@ class EMAController:
         state: ScheduleState,
         training: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Adopt an average kept by another library (Composer's or Lightning's EMA): its
-        tensors by normalised name, the schedule state it implies, and the training weights
-        when the model currently holds the average. Names are checked at ``setup``.
+        """Adopt an average kept by another library (Composer's or Lightning's EMA) as the
+        primary profile: its tensors by normalised name, the schedule state it implies, and the
+        training weights when the model currently holds the average. Names are checked at
+        ``setup``.
         """
         loaded: dict[str, Any] = {
             "format": STATE_FORMAT,
@@ -411,8 +823,11 @@ class EMAController:
         self.load_state_dict(loaded)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`. Before the shadow exists the tensors are kept and
-        applied at ``fit_start``/``setup``; names are checked then."""
+        """Restore from :meth:`state_dict`. Before the shadows exist the tensors are kept and
+        applied at ``fit_start``/``setup``; names are checked then. The saved profiles must be
+        this controller's; a state with one profile (from a single-EMA run or another library)
+        loads into the primary profile, and the other profiles start afresh (with a warning).
+        """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(
                 "not an ema_callbacks EMA state (expected a mapping with format="
@@ -424,20 +839,47 @@ class EMAController:
                 f"EMA state version {version} is newer than this ema_callbacks understands "
                 f"({STATE_VERSION}); upgrade ema-callbacks"
             )
-        self.state = ScheduleState.from_dict(state.get("schedule", {}))
-        shadow = dict(state.get("shadow", {}))
+        extra = dict(state.get("profiles") or {})
+        ours = set(self.names[1:])
+        if extra or len(self.profiles) > 1:
+            missing, unexpected = sorted(ours - set(extra)), sorted(set(extra) - ours)
+            if extra and (missing or unexpected):
+                raise ValueError(
+                    f"the saved EMA profiles {sorted(extra)} (besides the primary) are not this "
+                    f"callback's {sorted(ours)}: missing {missing}, unexpected {unexpected}"
+                )
+            if not extra:
+                warnings.warn(
+                    f"the saved EMA state holds one EMA; it becomes {self.primary.name!r} and the "
+                    f"profiles {sorted(ours)} start afresh",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        items: list[tuple[EMAProfile, Mapping[str, Any]]] = [(self.primary, state)]
+        items += [(self.profile(name), extra[name]) for name in self.names[1:] if name in extra]
         training = state.get("training")
+        was = self.active_profile
+        self._swap_out_all()
+        for p, saved in items:
+            p.state = ScheduleState.from_dict(saved.get("schedule", {}))
+            shadow = dict(saved.get("shadow", {}))
+            if p.weights is not None:
+                p.weights.load_state_dict(shadow)
+            else:
+                # A state saved before the shadow existed has no tensors: nothing to apply.
+                p.pending = shadow or None
+        if not extra:
+            for p in self.profiles[1:]:
+                p.state = ScheduleState()
+                p.pending = None
+        self.snapshot_state = ScheduleState.from_dict(state.get("snapshot", {}))
         if self.weights is not None:
-            was = self.weights.is_swapped
-            if was:
-                self.weights.swap_out()
-            self.weights.load_state_dict(shadow)
             if training is not None:
                 # The model slot of this checkpoint held EMA weights: put training weights back.
                 self.weights.load_training_(training)
-            elif was:
-                self.weights.swap_in()
+            elif was is not None:
+                restored = self.profile(was).weights
+                assert restored is not None
+                restored.swap_in()
         else:
-            # A state saved before the shadow existed has no tensors: nothing to apply later.
-            self._pending = shadow or None
             self._pending_training = None if training is None else dict(training)

@@ -59,6 +59,11 @@ class EMA:
             when neither ``smoothing`` nor ``sigma_rel`` is given is ``'1000ba'``.
         smoothing: a constant per-update decay (``0.999``) instead of a half-life.
         sigma_rel: EDM2 power-function EMA with this relative width instead.
+        profiles: several EMAs at once: a list for one of ``half_life``, ``smoothing`` or
+            ``sigma_rel`` (``half_life=['100ba', '1000ba']``), or ``profiles``, a list of
+            mappings of schedule options with an optional ``name``. They are updated in the same
+            multi-tensor calls; the first is the primary one (``shadow``, ``swapped()``); the
+            others are chosen by name (``swapped(profile='ema_1000ba')``, :attr:`profiles`).
         update_interval: how often to update (default: every step, or every epoch for an
             ``ep`` half-life).
         start: progress before which the EMA just follows the model (not swapped in).
@@ -80,10 +85,11 @@ class EMA:
     def __init__(
         self,
         model: nn.Module,
-        half_life: str | float | None = None,
+        half_life: str | float | list[str | float] | None = None,
         *,
-        smoothing: float | None = None,
-        sigma_rel: float | None = None,
+        smoothing: float | list[float] | None = None,
+        sigma_rel: float | list[float] | None = None,
+        profiles: list[dict[str, Any]] | None = None,
         update_interval: str | None = None,
         start: str = "0ba",
         warmup: str = "none",
@@ -113,6 +119,7 @@ class EMA:
             warmup_gamma=warmup_gamma,
             warmup_power=warmup_power,
             rampup_ratio=rampup_ratio,
+            profiles=profiles,
             include=include,
             exclude=exclude,
             trainable_only=trainable_only,
@@ -139,7 +146,7 @@ class EMA:
                 raise ValueError(
                     f"max_duration must be positive and finite; got '{self.max_duration}'"
                 )
-        if TimeUnit.DURATION in self.controller.schedule.units and self.max_duration is None:
+        if TimeUnit.DURATION in self.controller.units and self.max_duration is None:
             raise ValueError(
                 "this EMA uses 'dur' times, which need the planned length of the run: "
                 "pass max_duration='10ep' (or '5000ba', ...)"
@@ -178,7 +185,7 @@ class EMA:
             (TimeUnit.TOKEN, tokens, "_tokens", "tokens"),
         ):
             current = getattr(self, attr)
-            needed = unit in self.controller.schedule.units or (
+            needed = unit in self.controller.units or (
                 self.max_duration is not None and self.max_duration.unit is unit
             )
             if value is not None:
@@ -227,14 +234,36 @@ class EMA:
     # -- using the average ----------------------------------------------------------------
 
     @contextmanager
-    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """EMA weights in the model for the block; training weights back in ``finally``.
+    def swapped(
+        self, model: nn.Module | None = None, profile: str | None = None
+    ) -> Iterator[nn.Module]:
+        """EMA weights (of ``profile``, default the primary one) in the model for the block;
+        training weights back in ``finally``.
 
         Before the EMA has started (``start``) the model keeps its training weights.
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = EMA(model, half_life=['10ba', '100ba'])
+        >>> ema.profiles
+        ['ema_10ba', 'ema_100ba']
+        >>> _ = ema.step(model)
+        >>> with ema.swapped(model, profile='ema_100ba'):
+        ...     out = model(torch.ones(1, 2))
         """
         model = self._model(model)
-        with self.controller.ema_weights(model):
+        with self.controller.ema_weights(model, profile):
             yield model
+
+    @property
+    def profiles(self) -> list[str]:
+        """The names of the EMAs tracked, primary first."""
+        return self.controller.names
+
+    def shadow_of(self, profile: str | None = None) -> dict[str, torch.Tensor]:
+        """The EMA tensors of ``profile`` (default the primary one) by normalised name."""
+        weights = self.controller.profile(profile).weights
+        assert weights is not None
+        return weights.state_dict()
 
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the EMA weights into ``model`` permanently (e.g. before exporting it)."""
@@ -243,7 +272,9 @@ class EMA:
         weights.copy_to(self._model(model))
 
     def functional_call(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """``model(*args, **kwargs)`` computed with the EMA weights; the model is untouched."""
+        """``model(*args, **kwargs)`` computed with the (primary) EMA weights; the model is
+        untouched. ``ema.controller.profile(name).weights.functional_call`` for another
+        profile."""
         weights = self.controller.weights
         assert weights is not None
         return weights.functional_call(model, *args, **kwargs)

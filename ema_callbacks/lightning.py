@@ -233,7 +233,7 @@ class EMACallback(_CallbackBase):
             _resolve_callable(batch_size_fn, "batch_size_fn") or _extract_batch_size
         )
         self.tokens_fn = _resolve_callable(tokens_fn, "tokens_fn")
-        units = self.controller.schedule.units
+        units = self.controller.units
         if TimeUnit.TOKEN in units and self.tokens_fn is None:
             schedule = self.controller.schedule
             culprit = next(
@@ -305,7 +305,7 @@ class EMACallback(_CallbackBase):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``fit_start``: build (or re-bind) the shadow on the model's device; check units."""
         self._total_steps = None
-        if TimeUnit.DURATION in self.controller.schedule.units:
+        if TimeUnit.DURATION in self.controller.units:
             total = trainer.estimated_stepping_batches
             if total and math.isfinite(total):
                 self._total_steps = float(total)

@@ -49,6 +49,7 @@ __all__ = [
     "lerp_",
     "normalize_name",
     "unwrap_model",
+    "update_together_",
 ]
 
 BUFFER_POLICIES = ("average", "copy", "ignore")
@@ -201,6 +202,18 @@ def lerp_(shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight
         torch._foreach_lerp_(list(shadow), list(source), weight)
 
 
+def _lerp_weights_(
+    shadow: list[torch.Tensor], source: list[torch.Tensor], weights: list[float]
+) -> None:
+    """One ``_foreach_lerp_`` with a weight per tensor (a scalar when they are all equal)."""
+    if not shadow:
+        return
+    if all(w == weights[0] for w in weights):
+        torch._foreach_lerp_(shadow, source, weights[0])
+    else:
+        torch._foreach_lerp_(shadow, source, weights)
+
+
 @dataclass
 class _Entry:
     name: str  # normalised name (the shadow key)
@@ -311,6 +324,7 @@ class EMAWeights:
         self._groups: list[_Group] = []
         self._mixed: list[_Group] = []
         self._copies: list[_Group] = []
+        self._layout: tuple[Any, ...] = ()
         self._bound: nn.Module | None = None
         self._fsdp2: list[nn.Module] = []
         self._swapped = False
@@ -464,6 +478,13 @@ class EMAWeights:
                 self._groups.append(group)
             else:
                 self._mixed.append(group)
+        # Which tensors each group updates: EMAs with the same layout update together
+        # (:func:`update_together_`).
+        self._layout = tuple(
+            (kind, tuple(e.name for e in g.entries))
+            for kind, gs in (("lerp", self._groups), ("mixed", self._mixed), ("copy", self._copies))
+            for g in gs
+        )
         total = sum(t.numel() for t in self.shadow.values())
         self._scratch_numel = max(_SCRATCH_MIN, min(_SCRATCH_MAX, total // 32))
         self._scratch.clear()
@@ -523,31 +544,7 @@ class EMAWeights:
         model's value. ``weight = 1`` copies everything. Returns False if the update was
         skipped by the non-finite guard.
         """
-        if self._swapped:
-            raise RuntimeError(
-                "the EMA weights are swapped into the model: swap them out before updating"
-            )
-        if not 0.0 <= weight <= 1.0 or math.isnan(weight):
-            raise ValueError(f"weight must be between 0 and 1; got {weight!r}")
-        self._check_bound(model)
-        if self.nonfinite != "ignore" and weight > 0.0 and not self._all_finite():
-            if self.nonfinite == "error":
-                raise NonFiniteWeightsError(
-                    "the model's weights hold NaN or Inf; EMA update refused"
-                )
-            return False
-        side = self._side_stream_for_update()
-        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
-            for group in self._groups:
-                lerp_(group.shadows, group.sources(), weight)
-            for group in self._mixed:
-                self._mixed_lerp_(group, weight)
-            for group in self._copies:
-                torch._foreach_copy_(group.shadows, group.sources())
-        if side is not None:
-            self._pending_event = (side.device, side.record_event())
-            _STREAMED.add(self)
-        return True
+        return update_together_([self], [weight], model)
 
     # -- CUDA side stream -----------------------------------------------------------------
 
@@ -588,13 +585,16 @@ class EMAWeights:
             self._scratch[key] = buf
         return buf
 
-    def _mixed_lerp_(self, group: _Group, weight: float) -> None:
-        """Shadow and source differ in dtype or device: stage the source through a bounded
-        scratch in the shadow's dtype and device, then one foreach lerp per batch."""
-        if weight == 0.0:
+    def _mixed_lerp_(
+        self, sources: list[torch.Tensor], targets: list[tuple[list[torch.Tensor], float]]
+    ) -> None:
+        """Shadows and sources differ in dtype or device: stage the sources through a bounded
+        scratch in the shadows' dtype and device, then one foreach call per batch for every
+        target ``(shadows, weight)`` together (several EMAs read each staged batch once)."""
+        targets = [(shadows, w) for shadows, w in targets if w != 0.0]
+        if not targets:
             return
-        shadows, sources = group.shadows, group.sources()
-        first = shadows[0]
+        first = targets[0][0][0]
         # Offload (CUDA weights, CPU shadow): stage through pinned memory with non-blocking
         # copies, and wait for each batch's copies before the CPU reads them.
         offload = first.device.type == "cpu" and sources[0].device.type == "cuda"
@@ -604,43 +604,63 @@ class EMAWeights:
             if offload:
                 torch.cuda.current_stream(sources[0].device).synchronize()
 
+        def apply(index: list[int], staged: list[torch.Tensor], part: slice | None) -> None:
+            copies: list[torch.Tensor] = []
+            lerps: list[torch.Tensor] = []
+            xs: list[torch.Tensor] = []
+            ws: list[float] = []
+            for shadows, w in targets:
+                chosen = [shadows[i] if part is None else shadows[i].view(-1)[part] for i in index]
+                if w == 1.0:
+                    copies.extend(chosen)
+                else:
+                    lerps.extend(chosen)
+                    xs.extend(staged)
+                    ws.extend([w] * len(chosen))
+            if copies:
+                torch._foreach_copy_(copies, staged * (len(copies) // len(staged)))
+            _lerp_weights_(lerps, xs, ws)
+
         cap = scratch.numel()
-        batch_s: list[torch.Tensor] = []
+        batch_i: list[int] = []
         batch_p: list[torch.Tensor] = []
         batch_x: list[torch.Tensor] = []
         used = 0
 
         def flush() -> None:
             nonlocal used
-            if batch_s:
+            if batch_i:
                 torch._foreach_copy_(batch_x, batch_p, non_blocking=True)
                 arrived()
-                lerp_(batch_s, batch_x, weight)
-                batch_s.clear()
+                apply(batch_i, batch_x, None)
+                batch_i.clear()
                 batch_p.clear()
                 batch_x.clear()
             used = 0
 
-        for sh, src in zip(shadows, sources, strict=True):
+        for i, src in enumerate(sources):
+            sh = targets[0][0][i]
             n = sh.numel()
             if n == 0:
                 continue
-            if n > cap or not (sh.is_contiguous() and src.is_contiguous()):
+            contiguous = src.is_contiguous() and all(t[0][i].is_contiguous() for t in targets)
+            if n > cap or not contiguous:
                 flush()
-                flat_s, flat_p = sh.view(-1) if sh.is_contiguous() else sh, src.reshape(-1)
-                if not sh.is_contiguous():  # rare: copy through a temporary of this tensor only
-                    sh.lerp_(src.to(sh.dtype), weight)
+                if not contiguous:  # rare: through a temporary of this tensor only
+                    x = src.to(sh.dtype)
+                    apply([i], [x], None)
                     continue
-                for i in range(0, n, cap):
-                    m = min(cap, n - i)
+                flat_p = src.reshape(-1)
+                for j in range(0, n, cap):
+                    m = min(cap, n - j)
                     x = scratch[:m]
-                    x.copy_(flat_p[i : i + m], non_blocking=True)
+                    x.copy_(flat_p[j : j + m], non_blocking=True)
                     arrived()
-                    lerp_([flat_s[i : i + m]], [x], weight)
+                    apply([i], [x], slice(j, j + m))
                 continue
             if used + n > cap:
                 flush()
-            batch_s.append(sh)
+            batch_i.append(i)
             batch_p.append(src)
             batch_x.append(scratch[used : used + n].view(sh.shape))
             used += n
@@ -932,3 +952,92 @@ class EMAWeights:
                     f"EMA state for {name!r} has shape {tuple(value.shape)}; expected {tuple(target.shape)}"
                 )
             target.copy_(local)
+
+
+@torch.no_grad()
+def update_together_(
+    weights: Sequence[EMAWeights], factors: Sequence[float], model: nn.Module | None = None
+) -> bool:
+    """Update several EMAs of the same model in the same multi-tensor calls.
+
+    ``weights[k] += factors[k] * (model - weights[k])`` for every averaged tensor (``1``
+    copies, ``0`` leaves that EMA alone); copied tensors take the model's value. Each source
+    tensor is read once per fused call for all the EMAs: one ``_foreach_lerp_`` with a weight
+    per tensor over every shadow of a (device, dtype) group, and for float32 shadows of
+    bf16/fp16 weights one staging of each batch for all of them. The EMAs must have been built
+    with the same options on the same model (the same tensors in the same groups). Returns
+    False if the non-finite guard (the first EMA's policy) skipped the update for all.
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> fast, slow = EMAWeights(model), EMAWeights(model)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.add_(1.0)
+    >>> update_together_([fast, slow], [0.5, 0.1])
+    True
+    >>> round(float((fast.shadow['weight'] - slow.shadow['weight']).mean()), 4)
+    0.4
+    """
+    weights = list(weights)
+    factors = [float(f) for f in factors]
+    if len(weights) != len(factors):
+        raise ValueError(
+            f"factors must give one weight per EMA; got {len(factors)} for {len(weights)} EMAs"
+        )
+    if not weights:
+        return True
+    for w, f in zip(weights, factors, strict=True):
+        if not isinstance(w, EMAWeights):
+            raise TypeError(f"weights must hold EMAWeights; got {type(w).__name__}")
+        if w._swapped:
+            raise RuntimeError(
+                "the EMA weights are swapped into the model: swap them out before updating"
+            )
+        if not 0.0 <= f <= 1.0 or math.isnan(f):
+            raise ValueError(f"weight must be between 0 and 1; got {f!r}")
+    lead = weights[0]
+    for w in weights:
+        w._check_bound(model if model is not None else lead._bound)
+        if w._layout != lead._layout:
+            raise ValueError(
+                "EMAs updated together must track the same tensors with the same options "
+                "(include, exclude, trainable_only, buffers, dtype, device)"
+            )
+    if lead.nonfinite != "ignore" and max(factors) > 0.0 and not lead._all_finite():
+        if lead.nonfinite == "error":
+            raise NonFiniteWeightsError("the model's weights hold NaN or Inf; EMA update refused")
+        return False
+    for w in weights[1:]:
+        w.synchronize()
+    side = lead._side_stream_for_update()
+    with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+        for gi, group in enumerate(lead._groups):
+            sources = group.sources()
+            copies: list[torch.Tensor] = []
+            lerps: list[torch.Tensor] = []
+            ws: list[float] = []
+            for w, f in zip(weights, factors, strict=True):
+                shadows = w._groups[gi].shadows
+                if f == 1.0:
+                    copies.extend(shadows)
+                elif f != 0.0:
+                    lerps.extend(shadows)
+                    ws.extend([f] * len(shadows))
+            if copies:
+                torch._foreach_copy_(copies, sources * (len(copies) // len(sources)))
+            if lerps:
+                _lerp_weights_(lerps, sources * (len(lerps) // len(sources)), ws)
+        for gi, group in enumerate(lead._mixed):
+            lead._mixed_lerp_(
+                group.sources(),
+                [(w._mixed[gi].shadows, f) for w, f in zip(weights, factors, strict=True)],
+            )
+        for gi, group in enumerate(lead._copies):
+            sources = group.sources()
+            shadows = [sh for w in weights for sh in w._copies[gi].shadows]
+            torch._foreach_copy_(shadows, sources * len(weights))
+    if side is not None:
+        event = (side.device, side.record_event())
+        for w in weights:
+            w._pending_event = event
+            _STREAMED.add(w)
+    return True
