@@ -149,7 +149,9 @@ def _overlay(
     return EMAExtract(kind, out, sorted(used))
 
 
-def _from_transformers_folder(folder: Path, name: str | None) -> EMAExtract:
+def _from_transformers_folder(
+    folder: Path, name: str | None, profile: str | None = None
+) -> EMAExtract:
     from safetensors.torch import load_file
 
     states = sorted(folder.glob("*_state.json"))
@@ -176,13 +178,18 @@ def _from_transformers_folder(folder: Path, name: str | None) -> EMAExtract:
     if not ours:
         raise ValueError(f"{folder}: no ema_callbacks EMA state (*_state.json) in this folder")
     if len(ours) > 1:
-        names = ", ".join(p.name[: -len("_state.json")] for p in ours)
-        raise ValueError(f"{folder}: several EMA states ({names}); choose one with --name")
+        found = ", ".join(p.name[: -len("_state.json")] for p in ours)
+        raise ValueError(f"{folder}: several EMA states ({found}); choose one with --name")
     prefix = ours[0].name[: -len("_state.json")]
     meta = json.loads(ours[0].read_text())
+    names = _profile_names(meta)
+    if profile is not None and profile != (names[0] if names else None):
+        from ema_callbacks.transformers import load_ema_state
+
+        chosen = dict(_profile_shadow(load_ema_state(folder, prefix), profile, folder) or {})
+        return _overlay(_model_file_state(folder, chosen), chosen, "transformers")
     tensors = load_file(str(folder / f"{prefix}_state.safetensors"), device="cpu")
     shadow = {k[len("shadow/") :]: v for k, v in tensors.items() if k.startswith("shadow/")}
-    del meta
     return _overlay(_model_file_state(folder, shadow), shadow, "transformers")
 
 
@@ -198,6 +205,34 @@ def _model_file_state(
     if (folder / "pytorch_model.bin").is_file():
         return dict(safe_torch_load(folder / "pytorch_model.bin"))
     return dict(shadow)
+
+
+def _profile_names(state: Mapping[str, Any]) -> list[str]:
+    """The profile names of a saved controller state, primary first."""
+    config = state.get("config") or {}
+    listed = config.get("profiles")
+    if isinstance(listed, list) and listed:
+        return [str(p.get("name")) for p in listed]
+    try:
+        from ema_callbacks.controller import profile_name
+        from ema_callbacks.schedule import Schedule
+
+        return [profile_name(Schedule(**dict(config.get("schedule") or {})))]
+    except (TypeError, ValueError):
+        return []
+
+
+def _profile_shadow(
+    state: Mapping[str, Any], profile: str | None, where: object
+) -> Mapping[str, torch.Tensor] | None:
+    """The shadow of ``profile`` (the primary one for None) in a saved controller state."""
+    names = _profile_names(state)
+    if profile is None or (names and profile == names[0]):
+        return state.get("shadow")  # type: ignore[no-any-return]
+    extra = state.get("profiles") or {}
+    if profile in extra:
+        return extra[profile].get("shadow")  # type: ignore[no-any-return]
+    raise ValueError(f"{where}: no EMA profile {profile!r}; the profiles are {names}")
 
 
 def _find_our_state(obj: Any) -> Mapping[str, Any] | None:
@@ -216,36 +251,46 @@ def _find_our_state(obj: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _from_torch_file(path: Path) -> EMAExtract:
+def _from_torch_file(path: Path, profile: str | None = None) -> EMAExtract:
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
     if ckpt.get("format") == STATE_FORMAT:  # a saved ema_callbacks EMA state
-        return EMAExtract("ema_callbacks", dict(ckpt["shadow"]), sorted(ckpt["shadow"]))
+        shadow = dict(_profile_shadow(ckpt, profile, path) or {})
+        return EMAExtract("ema_callbacks", shadow, sorted(shadow))
     if "ema_callbacks" in ckpt and "state_dict" in ckpt:  # Lightning
         marker = ckpt["ema_callbacks"]
         model_state = ckpt["state_dict"]
-        if marker.get("state_dict_holds") == "ema":
+        ours = _find_our_state(ckpt.get("callbacks", {}))
+        names = _profile_names(ours) if ours is not None else []
+        primary = profile is None or profile == (names[0] if names else None)
+        if marker.get("state_dict_holds") == "ema" and primary:
             return EMAExtract(
                 "lightning", dict(model_state), [normalize_name(k) for k in model_state]
             )
-        ours = _find_our_state(ckpt.get("callbacks", {}))
-        if ours is None or not ours.get("shadow"):
+        picked = None if ours is None else _profile_shadow(ours, profile, path)
+        if not picked:
             raise ValueError(
                 f"{path}: a Lightning checkpoint without EMA weights (the EMA had not started)"
             )
-        return _overlay(model_state, ours["shadow"], "lightning")
+        if marker.get("state_dict_holds") == "ema" and ours is not None and ours.get("training"):
+            # the model slot holds the primary EMA: overlay on the training weights
+            model_state = {
+                k: ours["training"].get(normalize_name(k), v) for k, v in model_state.items()
+            }
+        return _overlay(model_state, picked, "lightning")
     state = ckpt.get("state")
     if isinstance(state, Mapping) and "model" in state:  # Composer
         model_state = state["model"]
         algorithms = state.get("algorithms") or []
         ours = _find_our_state(algorithms)
         if ours is not None:
-            if not ours.get("shadow"):
+            picked = _profile_shadow(ours, profile, path)
+            if not picked:
                 raise ValueError(
                     f"{path}: the EMA had not started when this checkpoint was written"
                 )
-            return _overlay(model_state, ours["shadow"], "composer")
+            return _overlay(model_state, picked, "composer")
         for entry in algorithms:  # composer.algorithms.EMA
             _, value = entry if isinstance(entry, (list, tuple)) else (None, entry)
             if isinstance(value, Mapping) and isinstance(value.get("ema_model"), Mapping):
@@ -273,17 +318,22 @@ def _from_torch_file(path: Path) -> EMAExtract:
     )
 
 
-def read_ema(path: str | os.PathLike[str], name: str | None = None) -> EMAExtract:
-    """Find the EMA in ``path`` (see the module docs for the kinds recognised)."""
+def read_ema(
+    path: str | os.PathLike[str], name: str | None = None, profile: str | None = None
+) -> EMAExtract:
+    """Find the EMA in ``path`` (see the module docs for the kinds recognised); ``profile``
+    chooses one of several EMAs tracked together (default: the primary one)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     if p.is_dir():
-        return _from_transformers_folder(p, name)
+        return _from_transformers_folder(p, name, profile)
     if p.suffix == ".safetensors":
         sibling = p.with_name(p.name[: -len(".safetensors")] + ".json")
         if sibling.is_file() and p.name.endswith("_state.safetensors"):
-            return _from_transformers_folder(p.parent, p.name[: -len("_state.safetensors")])
+            return _from_transformers_folder(
+                p.parent, p.name[: -len("_state.safetensors")], profile
+            )
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as f:
@@ -292,7 +342,7 @@ def read_ema(path: str | os.PathLike[str], name: str | None = None) -> EMAExtrac
         if str(meta.get("format", "")).startswith("ema_callbacks.posthoc"):
             return EMAExtract("posthoc", tensors, sorted(tensors))
         raise ValueError(f"{p}: a safetensors file without ema_callbacks metadata")
-    return _from_torch_file(p)
+    return _from_torch_file(p, profile)
 
 
 def export_ema(
@@ -300,14 +350,16 @@ def export_ema(
     output: str | os.PathLike[str],
     dtype: str | None = None,
     name: str | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Write the EMA found in ``path`` to ``output`` as a plain safetensors state dict
     (atomically). ``dtype`` casts floating tensors (``'float16'``, ``'bfloat16'``...); returns
-    a summary."""
+    a summary. ``profile`` exports one of several EMAs tracked together (``'ema_1000ba'``;
+    default: the primary one)."""
     from safetensors.torch import save_file
 
     target_dtype = _as_dtype(dtype, "dtype")
-    extract = read_ema(path, name)
+    extract = read_ema(path, name, profile)
     tensors = {}
     for key, value in extract.tensors.items():
         value = value.detach().cpu()

@@ -42,6 +42,32 @@ def test_plain_state(tmp_path: Path) -> None:
     assert torch.equal(out["0.weight"], ema.shadow["0.weight"])
 
 
+def test_one_profile_of_several(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, half_life=["2ba", "20ba"])
+    for _ in range(4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.step(model)
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    for profile in (None, "ema_2ba", "ema_20ba"):
+        out = tmp_path / f"{profile}.safetensors"
+        export_ema(tmp_path / "ema.pt", out, profile=profile)
+        expected = ema.shadow_of(profile)
+        assert all(torch.equal(load_file(out)[k], v) for k, v in expected.items())
+    assert not torch.equal(ema.shadow_of("ema_2ba")["weight"], ema.shadow_of("ema_20ba")["weight"])
+    with pytest.raises(
+        ValueError, match=r"no EMA profile 'ema_3ba'; the profiles are \['ema_2ba', 'ema_20ba'\]"
+    ):
+        export_ema(tmp_path / "ema.pt", tmp_path / "x.safetensors", profile="ema_3ba")
+    # a single-EMA state knows its own name
+    single = EMA(model, half_life="5ba")
+    single.step(model)
+    torch.save(single.state_dict(), tmp_path / "single.pt")
+    export_ema(tmp_path / "single.pt", tmp_path / "s.safetensors", profile="ema_5ba")
+
+
 def test_lightning_checkpoint(tmp_path: Path) -> None:
     from ema_callbacks.lightning import EMACallback
     from tests.lightning.lightning_helpers import fit
