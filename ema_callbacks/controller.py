@@ -291,7 +291,7 @@ class EMAController:
         }
         self.final_weights = final_weights
         self.eval_with_ema = eval_with_ema
-        self.eval_all = len(self.profiles) > 1 if eval_all is None else eval_all
+        self.eval_all = (eval_with_ema and len(self.profiles) > 1) if eval_all is None else eval_all
         self.train_with_ema_weights = train_with_ema_weights
         self.snapshot_dtype = snapshot_dtype
         self.snapshot_keep = snapshot_keep
@@ -703,9 +703,8 @@ class EMAController:
             time = float(p.state.last.get(unit.value, 0.0))
             if time <= 0:
                 continue
-            tensors = (
-                p.weights.full_state_dict() if p.weights.is_sharded else p.weights.state_dict()
-            )
+            # The whole EMA: FSDP2 and ZeRO-3 shards are gathered (a collective).
+            tensors = p.weights.full_state_dict()
             if not write:
                 continue
             averaged = {k: v for k, v in tensors.items() if p.weights._average.get(k, True)}

@@ -133,6 +133,7 @@ def test_names_and_construction_errors() -> None:
     single = EMAController.create(half_life="10ba")
     assert single.names == ["ema_10ba"] and single.eval_all is False
     assert EMAController.create(smoothing=[0.9, 0.99]).eval_all is True
+    assert EMAController.create(smoothing=[0.9, 0.99], eval_with_ema=False).eval_all is False
     cases = [
         ({"half_life": ["10ba", "10ba"]}, ValueError, "share the name 'ema_10ba'"),
         ({"half_life": ["10ba"], "sigma_rel": [0.1]}, ValueError, "only one of"),
