@@ -9,18 +9,29 @@ schedule and the swapping live in the core.
 Composer event                             controller
 =========================================  ==================================================
 ``INIT``                                   a reused algorithm: training weights back, fresh
-                                           EMA (as Composer does)
+                                           EMA (as Composer does); snapshot folder resolved
 ``FIT_START``                              ``fit_start`` (clock checked; a loaded checkpoint,
                                            also one from ``composer.algorithms.EMA``, applied)
 ``BEFORE_DATALOADER``, ``BATCH_START``     ``train_start``: training weights in
-``BATCH_END`` / ``EPOCH_END``              ``batch_end`` / ``epoch_end``: update if due
+``BATCH_END`` / ``EPOCH_END``              ``batch_end`` / ``epoch_end``: update if due; then
+                                           ``write_snapshots`` if ``snapshot_due``
 ``EVAL_START`` .. ``EVAL_END``             EMA weights in .. out (an exception in between
-                                           restores the training weights)
-``PREDICT_START`` .. ``PREDICT_END``       the same, for ``Trainer.predict``
-``*_CHECKPOINT`` (only if a                EMA weights into the model slot; the training
+                                           restores the training weights); with several
+                                           EMAs (``eval_all``) training weights in, and a
+                                           copy of every metric per profile
+``EVAL_AFTER_FORWARD`` (``eval_all``)      each profile's forward on the same batch (O(1)
+                                           swap in and out); its metric copies are updated
+                                           with its outputs only
+``PREDICT_START`` .. ``PREDICT_END``       the same, for ``Trainer.predict`` (the primary
+                                           EMA, also with several)
+``*_CHECKPOINT`` (only if a                primary EMA into the model slot; the training
 ``CheckpointSaver`` saves now)             weights go into this algorithm's state
 ``FIT_END``                                ``fit_end``: ``final_weights`` in the model
 =========================================  ==================================================
+
+Several EMAs: ``EMA(half_life=['100ba', '1000ba'])`` logs ``metrics/eval/MulticlassAccuracy``
+(the training weights) and ``metrics/eval/ema_100ba/MulticlassAccuracy``,
+``metrics/eval/ema_1000ba/MulticlassAccuracy`` from one pass over the evaluation data.
 
 >>> ema = EMA(half_life='50ba', ema_start='10ba')
 >>> ema
@@ -29,12 +40,17 @@ EMA(half_life='50ba', ema_start='10ba')
 'smoothing=0.999'
 >>> EMA(half_life='0ba').controller.schedule.describe()     # follows the model, no crash
 'half_life=0ba'
+>>> EMA(half_life=['100ba', '1000ba']).controller.names       # several EMAs
+['ema_100ba', 'ema_1000ba']
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +59,10 @@ from torch import nn
 try:
     from composer.callbacks import CheckpointSaver
     from composer.core import Algorithm, Event, State, TimeUnit
+    from composer.core.precision import get_precision_context
+    from composer.devices import DeviceMPS
     from composer.loggers import Logger
+    from composer.utils import dist, format_name_with_dist
 except ImportError as _err:  # pragma: no cover - exercised only without Composer installed
     raise ImportError(
         'ema_callbacks.composer needs MosaicML Composer: pip install "ema-callbacks[composer]"'
@@ -89,6 +108,26 @@ _CLOCK_HINT = (
 )
 
 
+# The attribute that marks a metric as an EMA profile's copy (its value: the profile's name).
+_METRIC_PROFILE = "_ema_callbacks_profile"
+
+
+def _profile_of(metric: Any) -> str | None:
+    """The profile whose copy ``metric`` is, or None for the trainer's own metrics."""
+    return getattr(metric, _METRIC_PROFILE, None)
+
+
+def _to_cpu(outputs: Any) -> Any:
+    """Outputs moved to the CPU as Composer moves them before updating metrics on MPS."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.cpu()
+    if isinstance(outputs, Mapping):
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+    if isinstance(outputs, Sequence) and not isinstance(outputs, str):
+        return [v.cpu() if isinstance(v, torch.Tensor) else v for v in outputs]
+    return outputs
+
+
 def _composer_state_to_names(
     stored: Mapping[str, torch.Tensor], names: Iterable[str]
 ) -> dict[str, torch.Tensor]:
@@ -128,16 +167,18 @@ class EMA(Algorithm):  # type: ignore[misc]
             ``dur``; the smoothing per update comes from the progress actually made since the
             previous update, ``2 ** (-elapsed / half_life)``. ``'0ba'``: the EMA follows the
             model; ``'infba'``: it never moves. Default ``'1000ba'``; it gives way when
-            ``smoothing`` or ``sigma_rel`` is given (Composer raises instead), but an explicit
-            ``half_life`` together with ``smoothing`` is an error.
-        smoothing: a constant decay per update (``0.999``) instead of a half-life.
+            ``smoothing``, ``sigma_rel`` or ``profiles`` is given (Composer raises instead),
+            but an explicit ``half_life`` together with ``smoothing`` is an error. A list
+            (``['100ba', '1000ba']``) tracks one EMA per element.
+        smoothing: a constant decay per update (``0.999``) instead of a half-life; or a list.
         ema_start: progress before which the EMA is not started (not averaged, not used for
             evaluation); it starts as a copy of the weights. Any unit. Default ``'0.0dur'``.
         update_interval: how often to update; default every batch, or every epoch for an
             ``ep`` half-life (Composer's default). Any unit; it need not match the half-life's.
         train_with_ema_weights: after every update, copy the EMA into the training weights
-            (the model trains on the average).
-        sigma_rel: EDM2's power-function EMA with this relative width, instead of a half-life.
+            (the model trains on the average). One EMA only.
+        sigma_rel: EDM2's power-function EMA with this relative width, instead of a half-life;
+            or a list.
         warmup, warmup_gamma, warmup_power, rampup_ratio: warm-ups, see
             :class:`~ema_callbacks.schedule.Schedule` (all off by default).
         include, exclude, trainable_only, buffers, dtype, device, nonfinite: which tensors
@@ -145,8 +186,25 @@ class EMA(Algorithm):  # type: ignore[misc]
             parameters and averaged buffers, a float32 shadow for bf16/fp16 weights, updates
             from NaN/Inf weights skipped).
         final_weights: ``'ema'`` (default) or ``'training'``: what the model holds after
-            ``fit``.
+            ``fit`` (the primary EMA with several).
         eval_with_ema: evaluate and predict with the EMA weights (default True).
+        profiles: several EMAs with their own schedule options instead of ``half_life`` /
+            ``smoothing`` / ``sigma_rel``: ``[{'name': 'fast', 'half_life': '100ba'},
+            {'sigma_rel': 0.05}]`` (keys: ``name`` and the schedule options); the first is the
+            *primary* EMA (predicted with, checkpointed in the model slot, kept after ``fit``).
+        eval_all: evaluate the training weights and every EMA in each evaluation (default:
+            True with several EMAs). The trainer's metrics (``metrics/eval/Accuracy``) are
+            then the training weights'; each EMA gets a copy of every metric named
+            ``<profile>/<metric>`` in ``state.eval_metrics[label]``, logged as
+            ``metrics/<label>/<profile>/<metric>`` and usable by callbacks such as
+            ``EarlyStopper(monitor='ema_1000ba/Accuracy', dataloader_label='eval')``. One pass
+            over the data: every batch goes through the model once per EMA.
+        snapshot_every: write post-hoc EMA snapshots of every ``sigma_rel`` EMA on this
+            interval (a time string); see :mod:`ema_callbacks.posthoc`.
+        snapshot_dtype: dtype of the snapshot files (``'float16'``, as EDM2).
+        snapshot_keep: keep only the latest this many snapshot times (default all).
+        snapshot_folder: where the snapshots go (Composer's ``{run_name}`` and ``{rank}``
+            allowed); default ``<the trainer's save_folder>/ema_snapshots``.
 
     Bad arguments raise ``ValueError``/``TypeError`` here, naming the parameter:
 
@@ -159,6 +217,14 @@ class EMA(Algorithm):  # type: ignore[misc]
     ...
     ValueError: ema_start must not be negative; got '-1ba'
 
+    Several EMAs, named after their schedules or by ``profiles``:
+
+    >>> EMA(half_life=['100ba', '1000ba'])
+    EMA(half_life=['100ba', '1000ba'])
+    >>> EMA(profiles=[{'name': 'fast', 'half_life': '10ba'},
+    ...               {'name': 'edm', 'sigma_rel': 0.05}]).controller.names
+    ['fast', 'edm']
+
     In a trainer (the tests run this for real)::
 
     >>> from composer import Trainer                                # doctest: +SKIP
@@ -169,13 +235,13 @@ class EMA(Algorithm):  # type: ignore[misc]
 
     def __init__(
         self,
-        half_life: str | float | None = _DEFAULT_HALF_LIFE,
-        smoothing: float | None = None,
+        half_life: str | float | Sequence[str | float] | None = _DEFAULT_HALF_LIFE,
+        smoothing: float | Sequence[float] | None = None,
         ema_start: str = "0.0dur",
         update_interval: str | None = None,
         train_with_ema_weights: bool = False,
         *,
-        sigma_rel: float | None = None,
+        sigma_rel: float | Sequence[float] | None = None,
         warmup: str = "none",
         warmup_gamma: float = 1.0,
         warmup_power: float = 2 / 3,
@@ -189,11 +255,20 @@ class EMA(Algorithm):  # type: ignore[misc]
         nonfinite: str = "ignore",
         final_weights: str = "ema",
         eval_with_ema: bool = True,
+        profiles: Sequence[Mapping[str, Any]] | None = None,
+        eval_all: bool | None = None,
+        snapshot_every: str | None = None,
+        snapshot_dtype: str = "float16",
+        snapshot_keep: int | None = None,
+        snapshot_folder: str | os.PathLike[str] | None = None,
     ) -> None:
         explicit_half_life = half_life is not _DEFAULT_HALF_LIFE
         if half_life is not None and not explicit_half_life:
             half_life = str(half_life)
-        if smoothing is not None or sigma_rel is not None:
+        if profiles is not None:
+            if not explicit_half_life:
+                half_life = None  # the default gives way; an explicit one is the core's error
+        elif smoothing is not None or sigma_rel is not None:
             if explicit_half_life and half_life is not None:
                 other = "smoothing" if smoothing is not None else "sigma_rel"
                 value = smoothing if smoothing is not None else sigma_rel
@@ -209,6 +284,16 @@ class EMA(Algorithm):  # type: ignore[misc]
             )
         if not isinstance(ema_start, Time):
             Time.parse(ema_start, "ema_start")  # validated here so the message names it
+        if snapshot_folder is not None:
+            if not isinstance(snapshot_folder, (str, os.PathLike)):
+                raise TypeError(
+                    f"snapshot_folder must be a folder path or None; got {snapshot_folder!r}"
+                )
+            if snapshot_every is None:
+                raise ValueError(
+                    f"snapshot_folder={os.fspath(snapshot_folder)!r} is set but snapshot_every "
+                    "is not: give snapshot_every (e.g. '1000ba') to write post-hoc snapshots"
+                )
         self._options: dict[str, Any] = {
             "half_life": half_life,
             "smoothing": smoothing,
@@ -229,8 +314,14 @@ class EMA(Algorithm):  # type: ignore[misc]
             "final_weights": final_weights,
             "eval_with_ema": eval_with_ema,
             "train_with_ema_weights": train_with_ema_weights,
+            "profiles": profiles,
+            "eval_all": eval_all,
+            "snapshot_every": snapshot_every,
+            "snapshot_dtype": snapshot_dtype,
+            "snapshot_keep": snapshot_keep,
         }
         self.controller = EMAController.create(**self._options)
+        self._snapshot_folder = None if snapshot_folder is None else os.fspath(snapshot_folder)
         self._shown = {
             "half_life": half_life if explicit_half_life else None,
             "smoothing": smoothing,
@@ -238,9 +329,20 @@ class EMA(Algorithm):  # type: ignore[misc]
             "update_interval": update_interval,
             "train_with_ema_weights": train_with_ema_weights or None,
             "sigma_rel": sigma_rel,
+            "profiles": profiles,
+            "eval_all": eval_all,
+            "snapshot_every": snapshot_every,
+            "snapshot_dtype": None if snapshot_dtype == "float16" else snapshot_dtype,
+            "snapshot_keep": snapshot_keep,
+            "snapshot_folder": self._snapshot_folder,
         }
         self._composer_state: dict[str, Any] | None = None
-        self._pinned = False
+        self._pinned: str | None = None  # the profile get_ema_model put in, kept across evals
+        self._held: str | None = None  # the profile in the model when an eval_all eval began
+        self._evaluating_all = False  # an eval_all evaluation is running
+        self._outputs: dict[str, Any] = {}  # each profile's outputs for the current batch
+        self._routed: nn.Module | None = None  # the model whose update_metric is routed
+        self._snapshot_dir: Path | None = None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._shown.items() if v is not None)
@@ -279,6 +381,8 @@ class EMA(Algorithm):  # type: ignore[misc]
     def match(self, event: Event, state: State) -> bool:
         if event in _ALWAYS:
             return True
+        if event == Event.EVAL_AFTER_FORWARD:
+            return self._evaluating_all
         if event in _TRAIN_EVENTS:
             return self.controller.weights_active == "ema"
         if event in _CHECKPOINT_EVENTS:
@@ -295,43 +399,72 @@ class EMA(Algorithm):  # type: ignore[misc]
                     return True
         return False
 
+    @property
+    def _eval_all(self) -> bool:
+        """Whether evaluations cover the training weights and every profile."""
+        return self.controller.eval_all and self.controller.eval_with_ema
+
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = state.model
         controller = self.controller
-        if event in _TRAIN_EVENTS:
-            self._pinned = False
+        if event == Event.EVAL_AFTER_FORWARD:
+            self._forward_profiles(state)
+        elif event in _TRAIN_EVENTS:
+            self._pinned = None
             controller.train_start(model)
         elif event == Event.BATCH_END:
-            if controller.batch_end(model, self._checked_clock(state)):
-                self._pinned = False
+            clock = self._checked_clock(state)
+            if controller.batch_end(model, clock):
+                self._pinned = None
+            self._maybe_snapshot(state, clock)
         elif event == Event.EPOCH_END:
-            if controller.epoch_end(model, self._checked_clock(state)):
-                self._pinned = False
+            clock = self._checked_clock(state)
+            if controller.epoch_end(model, clock):
+                self._pinned = None
+            self._maybe_snapshot(state, clock)
             logger.log_metrics({f"ema/{k}": v for k, v in controller.metrics().items()})
+        elif event == Event.EVAL_START and self._eval_all:
+            self._resolve(state)
+            self._add_profile_metrics(state)
+            self._held = controller.active_profile
+            controller.train_start(model)  # the trainer's own metrics: the training weights
+            self._route(state)
+            self._evaluating_all = True
+            self._guard(model)
         elif event in (Event.EVAL_START, Event.PREDICT_START):
             self._resolve(state)
             controller.eval_start(model)
+            if self._eval_all and controller.started and controller.active_profile is None:
+                self._swap_in(model, controller.primary.name)  # predict: the primary EMA
             self._guard(model)
         elif event in (Event.EVAL_END, Event.PREDICT_END):
-            self._unguard(model)
+            self._end_eval(model)
             controller.eval_end(model)
-            if self._pinned and controller.weights is not None:
-                controller.weights.swap_in(model)
+            back = self._held if self._held is not None else self._pinned
+            self._held = None
+            if back is not None:
+                self._swap_in(model, back)
         elif event in _CHECKPOINT_EVENTS:
-            if controller.weights is not None:
-                controller.weights.swap_in(model)
+            self._swap_in(model, controller.primary.name)
         elif event == Event.FIT_START:
-            self._pinned = False
+            self._pinned = None
             self._resolve(state)
             controller.fit_start(model, self._clock(state), hint=_CLOCK_HINT)
+            if controller.snapshot_schedule is not None and self._snapshot_dir is None:
+                self._snapshot_dir = self._resolve_snapshot_dir(state)
         elif event == Event.FIT_END:
             controller.fit_end(model)
         elif event == Event.INIT:
             # A reused algorithm instance: hand the old model its training weights back and
             # start afresh, as composer.algorithms.EMA does at INIT.
+            self._end_eval(None)
             controller.exception()
             self.controller = EMAController.create(**self._options)
             self._composer_state = None
+            self._pinned = self._held = None
+            self._snapshot_dir = None
+            if self.controller.snapshot_schedule is not None:
+                self._snapshot_dir = self._resolve_snapshot_dir(state)
 
     def _checked_clock(self, state: State) -> Clock:
         clock = self._clock(state)
@@ -345,20 +478,165 @@ class EMA(Algorithm):  # type: ignore[misc]
             )
         return clock
 
+    def _swap_in(self, model: nn.Module, name: str) -> None:
+        """Profile ``name`` in (if it has started), any other profile out."""
+        target = self.controller.profile(name)
+        for p in self.controller.profiles:
+            if p is not target and p.weights is not None:
+                p.weights.swap_out()
+        if target.started:
+            if target.weights is None:
+                self.controller.setup(model)
+            assert target.weights is not None
+            target.weights.swap_in(model)
+
+    # -- several EMAs in one evaluation -----------------------------------------------------
+
+    @staticmethod
+    def _composer_model(model: nn.Module) -> nn.Module:
+        """The ``ComposerModel`` whose ``eval_forward``/``update_metric`` the trainer calls
+        (``state.model`` less a ``DistributedDataParallel`` wrapper)."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.module
+        return model
+
+    def _add_profile_metrics(self, state: State) -> None:
+        """A copy of every metric of the evaluator being run, per profile, named
+        ``<profile>/<metric>``, in the dict the trainer's loop updates, computes and logs."""
+        metrics = state.eval_metrics.get(state.dataloader_label)
+        if metrics is None:
+            return
+        names = self.controller.names
+        for key in [k for k, m in metrics.items() if _profile_of(m) not in (None, *names)]:
+            del metrics[key]  # a copy made for profiles this algorithm no longer has
+        raw = {k: m for k, m in metrics.items() if _profile_of(m) is None}
+        for name in names:
+            for key, metric in raw.items():
+                copy_key = f"{name}/{key}"
+                existing = metrics.get(copy_key)
+                if existing is not None:
+                    if _profile_of(existing) != name:
+                        raise ValueError(
+                            f"the evaluator {state.dataloader_label!r} already has a metric named "
+                            f"{copy_key!r}, the name of EMA profile {name!r}'s copy of {key!r}; "
+                            "rename the metric or the profile (profiles=[{'name': ...}])"
+                        )
+                    continue
+                twin = copy.deepcopy(metric)
+                setattr(twin, _METRIC_PROFILE, name)
+                metrics[copy_key] = twin
+
+    def _route(self, state: State) -> None:
+        """Make the model's ``update_metric`` hand each profile's metric copies that profile's
+        outputs (the trainer calls it with the training weights' outputs for every metric)."""
+        target = self._composer_model(state.model)
+        previous = target.__dict__.get("update_metric")
+        if previous is not None and getattr(previous, "_ema_route", False):
+            self._routed = target
+            return
+        original: Any = target.update_metric
+
+        def update_metric(batch: Any, outputs: Any, metric: Any) -> Any:
+            name = _profile_of(metric)
+            if name is not None:
+                if name not in self._outputs:
+                    raise RuntimeError(
+                        f"no outputs of EMA profile {name!r} for this batch: update_metric was "
+                        "called outside the trainer's evaluation loop"
+                    )
+                outputs = self._outputs[name]
+            return original(batch, outputs, metric)
+
+        update_metric._ema_route = True  # type: ignore[attr-defined]
+        update_metric._ema_previous = previous  # type: ignore[attr-defined]
+        target.__dict__["update_metric"] = update_metric
+        self._routed = target
+
+    def _end_eval(self, model: nn.Module | None) -> None:
+        """Remove what an evaluation installed (guard, routing, outputs)."""
+        if model is not None:
+            self._unguard(model)
+        routed, self._routed = self._routed, None
+        if routed is not None:
+            hook = routed.__dict__.get("update_metric")
+            if hook is not None and getattr(hook, "_ema_route", False):
+                del routed.__dict__["update_metric"]
+                if hook._ema_previous is not None:  # the model's own instance attribute
+                    routed.__dict__["update_metric"] = hook._ema_previous
+        self._evaluating_all = False
+        self._outputs = {}
+
+    def _forward_profiles(self, state: State) -> None:
+        """Each profile's outputs for the batch the trainer just ran forward on with the
+        training weights: the profile's EMA swapped in (O(1)) and back out around its
+        ``eval_forward``, in the trainer's evaluation precision. A profile that has not started
+        holds the training weights, so it shares the trainer's outputs."""
+        controller = self.controller
+        model = state.model
+        forward: Any = self._composer_model(model).eval_forward
+        outputs: dict[str, Any] = {}
+        for p in controller.profiles:
+            if p.started:
+                with (
+                    controller.ema_weights(model, p.name),
+                    get_precision_context(
+                        state.precision, state.precision_config, fp8_autocast_enabled=False
+                    ),
+                ):
+                    out = forward(state.batch)
+            else:
+                out = state.outputs
+            # Composer hands metrics CPU outputs on MPS (see Trainer._eval_loop).
+            outputs[p.name] = _to_cpu(out) if isinstance(state.device, DeviceMPS) else out
+        self._outputs = outputs
+
+    # -- post-hoc snapshots -----------------------------------------------------------------
+
+    def _resolve_snapshot_dir(self, state: State) -> Path:
+        """``snapshot_folder``, or ``<the CheckpointSaver's folder>/ema_snapshots``."""
+        if self._snapshot_folder is not None:
+            return Path(format_name_with_dist(self._snapshot_folder, state.run_name))
+        every = str(self.controller.snapshot_schedule.update_interval)  # type: ignore[union-attr]
+        saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
+        if saver is None:
+            raise ValueError(
+                f"EMA(snapshot_every={every!r}) writes post-hoc EMA snapshots into "
+                "<save_folder>/ema_snapshots, but this Trainer has no save_folder; pass "
+                "save_folder to the Trainer or snapshot_folder to EMA"
+            )
+        if getattr(saver, "remote_uploader", None) is not None:
+            raise ValueError(
+                f"EMA(snapshot_every={every!r}): the Trainer's save_folder is remote and the "
+                "snapshots are not uploaded; pass a local snapshot_folder to EMA"
+            )
+        return Path(format_name_with_dist(saver.folder, state.run_name)) / "ema_snapshots"
+
+    def _maybe_snapshot(self, state: State, clock: Clock) -> None:
+        controller = self.controller
+        if controller.snapshot_schedule is None or not controller.snapshot_due(clock):
+            return
+        if self._snapshot_dir is None:
+            self._snapshot_dir = self._resolve_snapshot_dir(state)
+        # Every rank calls it (sharded EMAs are gathered); global rank 0 writes.
+        controller.write_snapshots(self._snapshot_dir, clock, write=dist.get_global_rank() == 0)
+
     # -- exceptions -------------------------------------------------------------------------
 
     def _guard(self, model: nn.Module) -> None:
         """Composer has no exception event, but it leaves evaluation and prediction through
         ``model_eval_mode``, whose ``finally`` calls ``model.train(mode)``. While the EMA is in
-        for evaluation, that call made with an exception in flight means evaluation failed:
-        training weights back (the controller's ``exception`` event)."""
-        if self.controller.weights_active != "ema" or "train" in model.__dict__:
+        for evaluation (or several EMAs are being evaluated), that call made with an exception
+        in flight means evaluation failed: training weights back (the controller's
+        ``exception`` event) and the evaluation's hooks removed."""
+        if (
+            self.controller.weights_active != "ema" and not self._evaluating_all
+        ) or "train" in model.__dict__:
             return
 
         def train(mode: bool = True) -> nn.Module:
             if sys.exc_info()[1] is not None:
-                self._unguard(model)
-                self._pinned = False
+                self._end_eval(model)
+                self._pinned = self._held = None
                 self.controller.exception(model)
             return type(model).train(model, mode)
 
@@ -381,32 +659,37 @@ class EMA(Algorithm):  # type: ignore[misc]
             and (unwrap_model(weights.bound_model) is unwrap_model(model))
         )
 
-    def get_ema_model(self, model: nn.Module) -> nn.Module:
-        """``model`` holding the EMA weights (Composer's method, without its errors).
+    def get_ema_model(self, model: nn.Module, profile: str | None = None) -> nn.Module:
+        """``model`` holding the EMA weights (Composer's method, without its errors): those of
+        ``profile`` (a name from ``controller.names``; default the primary EMA).
 
         The trained model itself gets them by an O(1) swap, kept until training resumes (or
-        :meth:`get_training_model`); any other model with the same weight names gets a copy.
-        Before the EMA has started the weights are the training weights.
+        :meth:`get_training_model`), also across ``trainer.eval()`` and ``trainer.predict()``;
+        any other model with the same weight names gets a copy. Before the EMA has started
+        the weights are the training weights.
 
         >>> import torch
         >>> ema = EMA(half_life='1ba')
         >>> model = torch.nn.Linear(2, 1)
         >>> ema.get_ema_model(model) is model
         True
+        >>> EMA(half_life=['1ba', '9ba']).get_ema_model(model, 'ema_9ba') is model
+        True
         """
         controller = self.controller
-        if controller.weights is None:
+        target = controller.profile(profile)
+        if target.weights is None:
             controller.setup(model)
-        assert controller.weights is not None
+        assert target.weights is not None
         if self._bound(model):
-            if controller.started:
-                controller.weights.swap_in()
-                self._pinned = True
+            if target.started:
+                self._swap_in(model, target.name)
+                self._pinned = target.name
             return model
-        if controller.started:
-            self._copy_into(model, controller.weights.state_dict())
+        if target.started:
+            self._copy_into(model, target.weights.state_dict())
         else:
-            self._copy_into(model, controller.weights.training_state_dict())
+            self._copy_into(model, target.weights.training_state_dict())
         return model
 
     def get_training_model(self, model: nn.Module) -> nn.Module:
@@ -419,7 +702,7 @@ class EMA(Algorithm):  # type: ignore[misc]
         True
         """
         controller = self.controller
-        self._pinned = False
+        self._pinned = None
         if controller.weights is None:
             controller.setup(model)
         assert controller.weights is not None
