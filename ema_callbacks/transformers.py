@@ -10,13 +10,18 @@ translates the Trainer's hooks into controller events and its counters into a
 =====================================  =======================================================
 Trainer hook                           controller event
 =====================================  =======================================================
-``on_init_end``                        check the schedule's units against ``TrainingArguments``
+``on_init_end``                        check the schedules' units against ``TrainingArguments``;
+                                       guard ``trainer.train``, wrap ``trainer.evaluate``
 ``on_train_begin``                     ``fit_start`` (a fresh EMA, or the checkpoint's on resume;
                                        under DeepSpeed ZeRO-3 the EMA of each rank's partitions)
 ``on_step_begin``, ``on_epoch_begin``  ``train_start`` (training weights in, whatever happened)
 ``on_step_end``                        ``batch_end`` (not when the optimizer step was skipped),
-                                       then ``eval_start`` if ``control.should_evaluate``
-``on_epoch_end``                       ``epoch_end``, then ``eval_start`` if ``should_evaluate``
+                                       post-hoc snapshots if due, then ``eval_start`` if
+                                       ``control.should_evaluate``
+``on_epoch_end``                       ``epoch_end`` (and snapshots), then ``eval_start``
+``trainer.evaluate()``                 with several EMAs (``eval_all``): the evaluation loop
+                                       once on the training weights and once per profile
+                                       (``ema_weights``), metrics ``eval_<profile>_<metric>``
 ``on_evaluate``                        ``eval_end`` (only after our own ``eval_start``)
 ``on_save``                            ``state_dict`` -> ``checkpoint-N/ema_state.*`` (ZeRO-3:
                                        ``ema_state-rank{r}-of{w}.*``, one pair per rank)
@@ -28,6 +33,8 @@ an exception in ``trainer.train()``    ``exception`` (training weights back), th
 >>> cb = EMATrainerCallback(half_life='50ba', buffers='copy')
 >>> cb.state()['args']['half_life']
 '50ba'
+>>> EMATrainerCallback(half_life=['100ba', '1000ba']).controller.names
+['ema_100ba', 'ema_1000ba']
 >>> EMATrainerCallback(half_life='-3ba')
 Traceback (most recent call last):
 ...
@@ -37,6 +44,7 @@ ValueError: half_life must not be negative; got '-3ba'
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -62,10 +70,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ema_callbacks.controller import EMAController
+from ema_callbacks.controller import EMAController, EMAProfile
 from ema_callbacks.files import atomic_write
 from ema_callbacks.schedule import Clock
-from ema_callbacks.weights import normalize_name, unwrap_model
+from ema_callbacks.weights import EMAWeights, normalize_name, unwrap_model
 
 __all__ = ["EMATrainerCallback", "load_ema_state", "save_ema_state"]
 
@@ -112,26 +120,44 @@ def save_ema_state(
     (the tensors) and ``{name}_state.json`` (everything else), each atomically (temp file +
     ``os.replace``); the JSON is written last, so its presence means the pair is complete.
 
+    Tensor keys: ``shadow/<tensor>`` (the primary EMA), ``training/<tensor>`` (the training
+    weights, when the model held an EMA) and ``profiles/<profile>/<tensor>`` (the other EMAs of
+    a callback with several). The JSON lists them under ``tensors``.
+
     ``shard=(rank, world)`` writes one rank's part of a DeepSpeed ZeRO-3 EMA (its flat
     partitions) as ``{name}_state-rank{rank}-of{world}.*``; ``full_shapes`` (name -> shape of
     the whole tensor) lets :func:`load_ema_state` reassemble the partitions.
 
     >>> import tempfile, torch
-    >>> ctrl = EMAController.create(half_life='4ba')
+    >>> ctrl = EMAController.create(half_life=['4ba', '8ba'])
     >>> ctrl.fit_start(torch.nn.Linear(2, 1))
     >>> folder = tempfile.mkdtemp()
     >>> save_ema_state(ctrl.state_dict(), folder)
     >>> sorted(os.listdir(folder))
     ['ema_state.json', 'ema_state.safetensors']
-    >>> sorted(load_ema_state(folder)['shadow'])
-    ['bias', 'weight']
+    >>> state = load_ema_state(folder)
+    >>> sorted(state['shadow']), sorted(state['profiles']['ema_8ba']['shadow'])
+    (['bias', 'weight'], ['bias', 'weight'])
     """
     tensors: dict[str, torch.Tensor] = {}
+    listing: dict[str, Any] = {}
     for group in ("shadow", "training"):
-        for key, value in dict(state.get(group) or {}).items():
+        if group not in state:
+            continue
+        values = dict(state.get(group) or {})
+        for key, value in values.items():
             tensors[f"{group}/{key}"] = value.detach().contiguous()
-    meta = {k: v for k, v in state.items() if k not in ("shadow", "training")}
-    meta["tensors"] = {g: sorted(state.get(g) or {}) for g in ("shadow", "training") if g in state}
+        listing[group] = sorted(values)
+    meta = {k: v for k, v in state.items() if k not in ("shadow", "training", "profiles")}
+    if state.get("profiles") is not None:
+        meta["profiles"], listing["profiles"] = {}, {}
+        for profile, saved in dict(state["profiles"]).items():
+            meta["profiles"][profile] = {k: v for k, v in saved.items() if k != "shadow"}
+            shadow = dict(saved.get("shadow") or {})
+            for key, value in shadow.items():
+                tensors[f"profiles/{profile}/{key}"] = value.detach().contiguous()
+            listing["profiles"][profile] = sorted(shadow)
+    meta["tensors"] = listing
     if shard is not None:
         meta["shard"] = {"rank": int(shard[0]), "world": int(shard[1])}
         meta["full_shapes"] = {k: [int(n) for n in v] for k, v in (full_shapes or {}).items()}
@@ -149,12 +175,26 @@ def load_ema_state(
     directory: str | os.PathLike[str], name: str = "ema", shard: tuple[int, int] | None = None
 ) -> dict[str, Any]:
     """Read what :func:`save_ema_state` wrote (tensors on CPU): a state for
-    :meth:`EMAController.load_state_dict`. ``state['shadow']`` is the EMA as a plain state dict
-    of the bare model. Raises ``FileNotFoundError`` naming the files if they are not there.
+    :meth:`EMAController.load_state_dict`. ``state['shadow']`` is the (primary) EMA as a plain
+    state dict of the bare model; with several EMAs, ``state['profiles'][name]['shadow']`` is
+    each other one. Raises ``FileNotFoundError`` naming the files if they are not there. Files
+    written before several EMAs existed (no ``profiles``) load unchanged.
 
     ``shard=(rank, world)`` reads one rank's ZeRO-3 part as written. Without ``shard``, a folder
     holding only per-rank ZeRO-3 files is reassembled into the full EMA (partitions
     concatenated in rank order, padding trimmed, shapes restored; no processes needed).
+
+    >>> import tempfile, torch
+    >>> ctrl = EMAController.create(half_life='4ba')
+    >>> ctrl.fit_start(torch.nn.Linear(2, 1))
+    >>> folder = tempfile.mkdtemp()
+    >>> save_ema_state(ctrl.state_dict(), folder, name='slow')
+    >>> load_ema_state(folder, name='slow')['config']['schedule']['half_life']
+    '4ba'
+    >>> load_ema_state(folder)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: no EMA state in '...': expected ema_state.safetensors and ema_state.json
     """
     tensor_path, json_path = _paths(directory, name, shard)
     if not (os.path.isfile(tensor_path) and os.path.isfile(json_path)):
@@ -168,10 +208,21 @@ def load_ema_state(
     with open(json_path) as f:
         state: dict[str, Any] = json.load(f)
     tensors = load_file(tensor_path, device="cpu")
-    for group in state.pop("tensors", {}):
-        state[group] = {
-            k[len(group) + 1 :]: v for k, v in tensors.items() if k.startswith(group + "/")
-        }
+    for group, keys in dict(state.pop("tensors", {})).items():
+        if group == "profiles":
+            for profile, names in dict(keys).items():
+                entry = state.setdefault("profiles", {}).setdefault(profile, {})
+                missing = [k for k in names if f"profiles/{profile}/{k}" not in tensors]
+                if missing:
+                    raise ValueError(
+                        f"{tensor_path!r} lacks the tensors {missing[:5]} of EMA profile "
+                        f"{profile!r} that {os.path.basename(json_path)} lists"
+                    )
+                entry["shadow"] = {k: tensors[f"profiles/{profile}/{k}"] for k in names}
+        else:
+            state[group] = {
+                k[len(group) + 1 :]: v for k, v in tensors.items() if k.startswith(group + "/")
+            }
     return state
 
 
@@ -187,17 +238,28 @@ def _merge_shards(
     parts = [load_ema_state(directory, name, (r, world)) for r in range(world)]
     merged = {k: v for k, v in parts[0].items() if k not in ("shard", "full_shapes")}
     shapes = parts[0].get("full_shapes", {})
-    for group in ("shadow", "training"):
-        if group not in parts[0]:
-            continue
-        merged[group] = {}
-        for key, value in parts[0][group].items():
+
+    def whole(tensors: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors[0].items():
             if key not in shapes:  # whole on every rank (buffers)
-                merged[group][key] = value
+                out[key] = value
                 continue
-            full = torch.cat([p[group][key].reshape(-1) for p in parts])
-            numel = math.prod(shapes[key])
-            merged[group][key] = full[:numel].reshape(shapes[key]).clone()
+            full = torch.cat([t[key].reshape(-1) for t in tensors])
+            out[key] = full[: math.prod(shapes[key])].reshape(shapes[key]).clone()
+        return out
+
+    for group in ("shadow", "training"):
+        if group in parts[0]:
+            merged[group] = whole([p[group] for p in parts])
+    if "profiles" in parts[0]:
+        merged["profiles"] = {
+            profile: {
+                **saved,
+                "shadow": whole([p["profiles"][profile].get("shadow", {}) for p in parts]),
+            }
+            for profile, saved in parts[0]["profiles"].items()
+        }
     return merged
 
 
@@ -219,6 +281,20 @@ class _Run:
     full_shapes: dict[str, list[int]] | None = None
     release_gathered: Any = None  # ZeRO-3: DeepSpeed's empty_partition_cache, or None
     gathered_as: str = "training"  # the weights DeepSpeed's gathered parameters came from
+    manual: int = 0  # depth of EMATrainerCallback.ema_weights blocks (no per-profile evaluation)
+
+    @property
+    def evaluates_profiles(self) -> bool:
+        """Whether an evaluation covers the training weights and every profile."""
+        return self.controller.eval_all and self.controller.eval_with_ema
+
+
+@dataclass
+class _EvalGuard:
+    """Per-Trainer state of the evaluation wrappers."""
+
+    evaluating: int = 0  # depth of trainer.evaluate() calls
+    expanding: bool = False  # inside the per-profile expansion of an evaluation loop
 
 
 def _sync_gathered(run: _Run, force: bool = False) -> None:
@@ -272,6 +348,152 @@ def _find_trainer(depth: int = 12) -> tuple[Any, dict[str, Any]]:
     return None, {}
 
 
+def _json_list(value: Any) -> Any:
+    """A tuple as a list (JSON has no tuples); anything else unchanged."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _json_time(value: Any) -> Any:
+    """A half-life as JSON: infinity (which JSON lacks) as ``'infba'``, tuples as lists."""
+    if isinstance(value, (list, tuple)):
+        return [_json_time(v) for v in value]
+    if isinstance(value, float) and math.isinf(value) and value > 0:
+        return "infba"
+    return value
+
+
+_PREPARATION = "_model_preparation_time"
+
+
+@contextmanager
+def _training_weights_in(runs: list[_Run]) -> Iterator[None]:
+    """The training weights in the model for the block (an EMA left in by ``final_weights``
+    is swapped out), the previous weights back afterwards, whatever happens."""
+    held: list[tuple[_Run, EMAWeights]] = []
+    try:
+        for run in reversed(runs):
+            active = run.controller.active_profile
+            if active is not None:
+                weights = run.controller.profile(active).weights
+                assert weights is not None
+                weights.swap_out()
+                held.append((run, weights))
+                _sync_gathered(run)
+        yield
+    finally:
+        for run, weights in reversed(held):
+            weights.swap_in()
+            _sync_gathered(run)
+
+
+def _profile_metrics(
+    trainer: Any,
+    run: _Run,
+    profile: EMAProfile,
+    loop: Any,
+    bound: inspect.BoundArguments,
+    prefix: str,
+    raw: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The metrics of one profile, ``{prefix}_{profile}_{metric}``: the Trainer's evaluation
+    loop run once with that profile's EMA swapped in (O(1)), the training weights back after,
+    whatever happens. A profile that has not started is never swapped in: its weights are the
+    training weights just evaluated, so their metrics are copied instead of computed again."""
+    renamed = f"{prefix}_{profile.name}"
+    if not profile.started or profile.weights is None:
+        return {
+            renamed + key[len(prefix) :]: value
+            for key, value in raw.items()
+            if key.startswith(prefix + "_") and not key.endswith(_PREPARATION)
+        }
+    bound.arguments["metric_key_prefix"] = renamed
+    model = profile.weights.bound_model or trainer.model
+    try:
+        with run.controller.ema_weights(model, profile.name):
+            _sync_gathered(run)
+            output = loop(*bound.args, **bound.kwargs)
+    finally:
+        bound.arguments["metric_key_prefix"] = prefix
+        _sync_gathered(run)
+    return {k: v for k, v in output.metrics.items() if not k.endswith(_PREPARATION)}
+
+
+def _wrap_evaluation(trainer: Any, runs: Mapping[str, _Run]) -> None:
+    """Wrap this Trainer instance's ``evaluate`` and ``evaluation_loop`` (the instance
+    attributes; the class is untouched), once per Trainer.
+
+    Inside ``trainer.evaluate()`` (during training or called by hand), when an EMA callback
+    evaluates several EMAs (``eval_all``), the evaluation loop runs on the training weights
+    (metrics under the Trainer's names) and then once per profile with its EMA swapped in
+    (``{prefix}_{profile}_{metric}``); all the metrics go into the one result that
+    ``evaluate`` logs, passes to ``on_evaluate`` and returns. ``predict`` is not affected, nor
+    is an evaluation inside :meth:`EMATrainerCallback.ema_weights` (it evaluates what the
+    block put in).
+    """
+    if "_ema_callbacks_eval" in vars(trainer):
+        return
+    guard = _EvalGuard()
+    trainer._ema_callbacks_eval = guard
+    evaluate, loop = trainer.evaluate, trainer.evaluation_loop
+    signature = inspect.signature(loop)
+
+    @functools.wraps(evaluate)
+    def evaluate_all(*args: Any, **kwargs: Any) -> Any:
+        guard.evaluating += 1
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            guard.evaluating -= 1
+
+    @functools.wraps(loop)
+    def evaluation_loop(*args: Any, **kwargs: Any) -> Any:
+        chosen = [run for run in runs.values() if run.evaluates_profiles]
+        if (
+            not guard.evaluating
+            or guard.expanding
+            or not chosen
+            or any(run.manual for run in runs.values())
+            or "metric_key_prefix" not in signature.parameters
+        ):
+            return loop(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        prefix = str(bound.arguments["metric_key_prefix"])
+        guard.expanding = True
+        try:
+            with _training_weights_in(chosen):
+                output = loop(*bound.args, **bound.kwargs)
+                raw = dict(output.metrics)
+                for run in chosen:
+                    for profile in run.controller.profiles:
+                        output.metrics.update(
+                            _profile_metrics(trainer, run, profile, loop, bound, prefix, raw)
+                        )
+        finally:
+            guard.expanding = False
+        return output
+
+    trainer.evaluate = evaluate_all
+    trainer.evaluation_loop = evaluation_loop
+
+
+def _metric_profile(metric: str | None, names: list[str]) -> str | None:
+    """The profile whose metric ``metric`` (``metric_for_best_model``) is: ``eval_<profile>_x``
+    or, with several evaluation datasets, ``eval_<dataset>_<profile>_x``; None for a metric
+    of the training weights. The longest matching name wins.
+
+    >>> _metric_profile('ema_1000ba_accuracy', ['ema_100ba', 'ema_1000ba'])
+    'ema_1000ba'
+    >>> _metric_profile('eval_loss', ['ema_100ba']) is None
+    True
+    """
+    if not metric:
+        return None
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    found = [n for n in names if key.startswith(f"eval_{n}_") or f"_{n}_" in key]
+    return max(found, key=len) if found else None
+
+
 class EMATrainerCallback(TrainerCallback, ExportableState):
     """An EMA of the model's weights for the Hugging Face ``Trainer``.
 
@@ -288,20 +510,49 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     ``trainer.save_model()`` writes it). Use :meth:`ema_weights` to evaluate with the EMA
     yourself.
 
+    Several EMAs (*profiles*): a list for one of ``half_life``, ``smoothing`` or ``sigma_rel``,
+    or ``profiles``. Then every evaluation (``eval_all``) covers the training weights, under the
+    Trainer's metric names (``eval_loss``), and each profile, as ``eval_<profile>_<metric>``
+    (``eval_ema_1000ba_loss``), in one metrics dict; ``metric_for_best_model`` can name either.
+    The first profile is the primary one: kept after ``train()``, and the one
+    ``load_ema_state(...)['shadow']`` and ``ema-callbacks export`` read.
+
     Args:
-        half_life, smoothing, sigma_rel, update_interval, start, warmup, warmup_gamma,
-            warmup_power, rampup_ratio: the schedule (:class:`~ema_callbacks.schedule.Schedule`).
+        half_life, smoothing, sigma_rel: the averaging; one value, or a list of values for one
+            EMA each (``half_life=['100ba', '1000ba']``; one of the three may be a list).
+        update_interval, start, warmup, warmup_gamma, warmup_power, rampup_ratio: the rest of
+            the schedule (:class:`~ema_callbacks.schedule.Schedule`), shared by every profile.
+        profiles: several EMAs, a list of mappings of schedule options that override the shared
+            ones, each with an optional ``name`` (the metric prefix; default like
+            ``'ema_1000ba'``): ``[{'name': 'fast', 'half_life': '100ba'}, ...]``.
         include, exclude, trainable_only, buffers, dtype, device, nonfinite: which weights and
             how they are kept (:class:`~ema_callbacks.weights.EMAWeights`).
-        final_weights: ``'ema'`` or ``'training'``: what the model holds after ``train()``.
+        final_weights: ``'ema'`` (the primary profile) or ``'training'``: what the model holds
+            after ``train()``.
         eval_with_ema: swap the EMA in for evaluations during training (default True).
-        train_with_ema_weights: copy the EMA into the model after every update.
+        eval_all: evaluate the training weights and every profile in each evaluation (default:
+            True with several profiles; False with one, which evaluates the EMA under the
+            Trainer's metric names).
+        train_with_ema_weights: copy the EMA into the model after every update (one profile).
+        snapshot_every: write post-hoc EMA snapshots of every ``sigma_rel`` profile on this
+            interval (a time string like ``'1000ba'``), for
+            :func:`ema_callbacks.posthoc.reconstruct`.
+        snapshot_dtype: floating dtype of the snapshot files (default ``'float16'``).
+        snapshot_keep: keep only the latest this many snapshot times (default all).
+        snapshot_folder: where the snapshots go (default ``<output_dir>/{name}_snapshots``,
+            i.e. ``ema_snapshots``; outside the checkpoint folders, so ``save_total_limit``
+            does not rotate them).
         name: file prefix in checkpoints (two callbacks need two names).
 
-    All arguments are plain JSON values and are validated here.
+    All arguments are plain JSON values (lists and mappings included, as ``trainer_state.json``
+    stores them) and are validated here.
 
     >>> EMATrainerCallback(half_life='1ep', final_weights='training').controller.schedule.describe()
     'half_life=1ep'
+    >>> cb = EMATrainerCallback(profiles=[{'name': 'fast', 'half_life': '10ba'},
+    ...                                   {'name': 'slow', 'smoothing': 0.999}])
+    >>> cb.controller.names, cb.controller.eval_all
+    (['fast', 'slow'], True)
     >>> EMATrainerCallback(name='a/b')
     Traceback (most recent call last):
     ...
@@ -310,16 +561,17 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     A full run (the tests run this for real)::
 
     >>> trainer = Trainer(model, args, train_dataset=data,            # doctest: +SKIP
-    ...                   callbacks=[EMATrainerCallback(half_life='50ba')])
+    ...                   callbacks=[EMATrainerCallback(half_life=['50ba', '500ba'])])
     >>> trainer.train()                                               # doctest: +SKIP
+    >>> trainer.evaluate()['eval_ema_500ba_loss']                     # doctest: +SKIP
     >>> trainer.save_model('ema-model')                               # doctest: +SKIP
     """
 
     def __init__(
         self,
-        half_life: str | float | None = None,
-        smoothing: float | None = None,
-        sigma_rel: float | None = None,
+        half_life: str | float | list[str | float] | None = None,
+        smoothing: float | list[float] | None = None,
+        sigma_rel: float | list[float] | None = None,
         update_interval: str | None = None,
         start: str = "0ba",
         warmup: str = "none",
@@ -337,9 +589,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         eval_with_ema: bool = True,
         train_with_ema_weights: bool = False,
         name: str = "ema",
+        profiles: list[dict[str, Any]] | None = None,
+        eval_all: bool | None = None,
+        snapshot_every: str | None = None,
+        snapshot_dtype: str = "float16",
+        snapshot_keep: int | None = None,
+        snapshot_folder: str | None = None,
     ) -> None:
-        if isinstance(half_life, float) and math.isinf(half_life):
-            half_life = "infba"  # JSON has no infinity
         for arg, value in (("dtype", dtype), ("device", device)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(
@@ -349,18 +605,36 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             raise ValueError(
                 f"name must be letters, digits, '_', '.' or '-' (it names files); got {name!r}"
             )
+        if snapshot_every is not None and not isinstance(snapshot_every, str):
+            raise TypeError(
+                f"snapshot_every must be a time string like '1000ba' or None; got {snapshot_every!r}"
+            )
+        if snapshot_folder is not None:
+            if not isinstance(snapshot_folder, (str, os.PathLike)):
+                raise TypeError(f"snapshot_folder must be a path or None; got {snapshot_folder!r}")
+            snapshot_folder = os.fspath(snapshot_folder)
+            if snapshot_every is None:
+                raise ValueError(
+                    f"snapshot_folder={snapshot_folder!r} is where post-hoc snapshots go, but "
+                    "snapshot_every is not set; set it, e.g. snapshot_every='1000ba'"
+                )
+        if isinstance(profiles, (list, tuple)) and all(isinstance(p, Mapping) for p in profiles):
+            profiles = [
+                {k: _json_time(v) if k == "half_life" else _json_list(v) for k, v in p.items()}
+                for p in profiles
+            ]
         self._options: dict[str, Any] = {
-            "half_life": half_life,
-            "smoothing": smoothing,
-            "sigma_rel": sigma_rel,
+            "half_life": _json_time(half_life),
+            "smoothing": _json_list(smoothing),
+            "sigma_rel": _json_list(sigma_rel),
             "update_interval": update_interval,
             "start": start,
             "warmup": warmup,
             "warmup_gamma": warmup_gamma,
             "warmup_power": warmup_power,
             "rampup_ratio": rampup_ratio,
-            "include": list(include) if isinstance(include, (list, tuple)) else include,
-            "exclude": list(exclude) if isinstance(exclude, (list, tuple)) else exclude,
+            "include": _json_list(include),
+            "exclude": _json_list(exclude),
             "trainable_only": trainable_only,
             "buffers": buffers,
             "dtype": dtype,
@@ -369,8 +643,14 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             "final_weights": final_weights,
             "eval_with_ema": eval_with_ema,
             "train_with_ema_weights": train_with_ema_weights,
+            "profiles": profiles,
+            "eval_all": eval_all,
+            "snapshot_every": snapshot_every,
+            "snapshot_dtype": snapshot_dtype,
+            "snapshot_keep": snapshot_keep,
         }
         self.name = name
+        self.snapshot_folder = snapshot_folder
         self._run = _Run(EMAController.create(**self._options))  # validates everything
 
     # -- JSON state (trainer_state.json) ---------------------------------------------------
@@ -381,15 +661,22 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
 
         >>> EMATrainerCallback(half_life='2ep').state()['args']['half_life']
         '2ep'
+        >>> EMATrainerCallback(half_life=('10ba', float('inf'))).state()['args']['half_life']
+        ['10ba', 'infba']
         """
         return {
-            "args": {**self._options, "name": self.name},
+            "args": {**self._options, "name": self.name, "snapshot_folder": self.snapshot_folder},
             "attributes": {},
         }
 
     @property
     def controller(self) -> EMAController:
-        """The controller holding the EMA (``controller.weights.state_dict()`` is the shadow)."""
+        """The controller holding the EMAs: ``controller.weights.state_dict()`` is the primary
+        shadow, ``controller.profile(name).weights`` each profile's.
+
+        >>> EMATrainerCallback(sigma_rel=[0.05, 0.1]).controller.names
+        ['ema_sigma_rel0.05', 'ema_sigma_rel0.1']
+        """
         return self._run.controller
 
     # -- translation helpers ---------------------------------------------------------------
@@ -424,15 +711,29 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
 
         The Trainer has no exception hook: its ``train`` (this instance's attribute, not the
         class's) is wrapped so that training weights are in the model before a run loads a
-        checkpoint and after any exception, which is then re-raised.
+        checkpoint and after any exception, which is then re-raised. Its ``evaluate`` and
+        ``evaluation_loop`` are wrapped once per Trainer (:func:`_wrap_evaluation`) to
+        evaluate every profile.
         """
         if trainer is None:
             return
         runs = vars(trainer).setdefault("_ema_callbacks_runs", {})
-        run = runs.setdefault(self.name, self._run)
-        if run is not self._run:
-            self._run = run
+        _wrap_evaluation(trainer, runs)
+        run = runs.get(self.name)
+        if run is not None:
+            if run is not self._run:
+                self._run = run
             return
+        if self._run.evaluates_profiles:
+            for other in runs.values():
+                shared = sorted(set(other.controller.names) & set(self.controller.names))
+                if other.evaluates_profiles and shared:
+                    raise ValueError(
+                        f"two EMA callbacks on this Trainer evaluate profiles named {shared}: "
+                        "their metrics would overwrite each other; name the profiles apart "
+                        "(profiles=[{'name': 'fast', 'half_life': '100ba'}, ...])"
+                    )
+        runs[self.name] = run = self._run
         original = trainer.train
 
         @functools.wraps(original)
@@ -539,6 +840,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         run.release_gathered = (
             None if layout is None else getattr(engine, "empty_partition_cache", None)
         )
+        if layout is not None and run.controller.snapshot_schedule is not None:
+            # EMAController.write_snapshots gathers FSDP2 DTensors, not ZeRO-3 partitions.
+            raise ValueError(
+                "snapshot_every is not supported under DeepSpeed ZeRO-3: the post-hoc snapshots "
+                "would hold each rank's flat partitions, not whole tensors; export the EMA and "
+                "snapshot it yourself, or train with ZeRO-1/2 or DDP"
+            )
         if layout is not None and run.release_gathered is None:
             raise ValueError(
                 "the model's parameters are DeepSpeed ZeRO-3 partitions, but the Trainer holds "
@@ -568,8 +876,10 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         assert model is not None
+        clock = self._clock(args, state)
         if not getattr(optimizer, "step_was_skipped", False):
-            self.controller.batch_end(model, self._clock(args, state))
+            self.controller.batch_end(model, clock)
+        self._snapshot(args, state, clock)
         self._eval_start(control, model)
 
     def on_epoch_end(
@@ -578,8 +888,17 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         assert model is not None
         self.controller.train_start()
         _sync_gathered(self._run)
-        self.controller.epoch_end(model, self._clock(args, state))
+        clock = self._clock(args, state)
+        self.controller.epoch_end(model, clock)
+        self._snapshot(args, state, clock)
         self._eval_start(control, model)
+
+    def _snapshot(self, args: Any, state: Any, clock: Clock) -> None:
+        """Post-hoc snapshots of the ``sigma_rel`` profiles when ``snapshot_every`` is due (every
+        rank calls this, sharded EMAs are gathered; the main process writes)."""
+        if self.controller.snapshot_due(clock):
+            folder = self.snapshot_folder or os.path.join(args.output_dir, f"{self.name}_snapshots")
+            self.controller.write_snapshots(folder, clock, write=state.is_world_process_zero)
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -612,35 +931,55 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         self._run.eval_swap = False
         controller = self.controller
         controller.train_start()
-        if args.load_best_model_at_end and state.best_model_checkpoint:
+        best = args.load_best_model_at_end and state.best_model_checkpoint
+        if best:
             # The Trainer just loaded the best checkpoint's (training) weights; its metric was
-            # measured on the weights evaluated then, i.e. that checkpoint's EMA.
+            # measured on the weights evaluated then: that checkpoint's EMA (one profile, or
+            # the profile the metric names) or its training weights (a raw metric).
             controller.load_state_dict(self._load(state.best_model_checkpoint))
             controller.setup(model)
         controller.fit_end(model)
+        if best and self._run.evaluates_profiles and controller.final_weights == "ema":
+            chosen = _metric_profile(args.metric_for_best_model, controller.names)
+            profile = None if chosen is None else controller.profile(chosen)
+            if profile is None or not profile.started or profile.weights is None:
+                controller.train_start()  # the metric was the training weights'
+            elif profile is not controller.primary:
+                assert controller.weights is not None
+                controller.weights.swap_out()
+                profile.weights.swap_in(model)
         _sync_gathered(self._run, force=True)  # the Trainer may have loaded the best weights
 
     # -- using the EMA ---------------------------------------------------------------------
 
     @contextmanager
-    def ema_weights(self, model: nn.Module) -> Iterator[nn.Module]:
-        """EMA weights in ``model`` for the block, the previous weights back in ``finally``;
-        for ``trainer.evaluate()`` / ``trainer.predict()`` outside training::
+    def ema_weights(self, model: nn.Module, profile: str | None = None) -> Iterator[nn.Module]:
+        """The EMA weights of ``profile`` (default the primary one) in ``model`` for the block,
+        the previous weights back in ``finally``; for ``trainer.evaluate()`` /
+        ``trainer.predict()`` of one EMA under the Trainer's own metric names::
 
-            with callback.ema_weights(trainer.model):
-                metrics = trainer.evaluate()
+            with callback.ema_weights(trainer.model, 'ema_1000ba'):
+                metrics = trainer.evaluate()     # one evaluation, of that profile only
 
-        Before the EMA has started the model keeps its weights.
+        Before that EMA has started the model keeps its weights.
 
         >>> cb = EMATrainerCallback(half_life='2ba')
         >>> m = torch.nn.Linear(1, 1)
         >>> with cb.ema_weights(m) as same:
         ...     same is m
         True
+        >>> with cb.ema_weights(m, 'nope'):
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        KeyError: "no EMA profile named 'nope'; the profiles are ['ema_2ba']"
         """
+        self.controller.profile(profile)  # a KeyError for an unknown name, before any swap
+        self._run.manual += 1
         try:
-            with self.controller.ema_weights(model):
+            with self.controller.ema_weights(model, profile):
                 _sync_gathered(self._run)
                 yield model
         finally:
+            self._run.manual -= 1
             _sync_gathered(self._run)
