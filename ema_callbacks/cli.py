@@ -9,6 +9,8 @@
                           checkpoint as a plain safetensors state dict
 ``halflife``              convert between a per-update smoothing (decay) and a half-life
 ``posthoc SNAPSHOTS``     reconstruct an EMA of any width after training (EDM2 post-hoc EMA)
+``sweep``                 accuracy against EMA half-life on digits, from one run: tracked
+                          profiles and post-hoc reconstructions, a table and a PNG plot
 ========================  ==================================================================
 
 >>> main(['halflife', '--smoothing', '0.999', '--interval', '1ba'])
@@ -196,7 +198,9 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from ema_callbacks.export import export_ema
 
-    summary = export_ema(args.checkpoint, args.output, dtype=args.dtype, name=args.name)
+    summary = export_ema(
+        args.checkpoint, args.output, dtype=args.dtype, name=args.name, profile=args.profile
+    )
     print(
         f"wrote {summary['tensors']} tensors ({summary['ema_tensors']} from the EMA) from a "
         f"{summary['kind']} checkpoint to {summary['output']}"
@@ -217,6 +221,39 @@ def _posthoc(args: argparse.Namespace) -> int:
     )
     for key, value in summary.items():
         print(f"{key}: {value}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from ema_callbacks.examples.sweep import (
+        DEFAULT_HALF_LIVES,
+        format_sweep_table,
+        half_life_sweep,
+        plot_sweep,
+    )
+
+    started = time.perf_counter()
+    print(
+        f"Training a small MLP on scikit-learn's digits once ({args.steps} steps), tracking "
+        f"{len(DEFAULT_HALF_LIVES)} half-lives and sigma_rel 0.05/0.10 (with snapshots) in one EMA."
+    )
+    progress = _Progress("sweep")
+    try:
+        result = half_life_sweep(steps=args.steps, seed=args.seed, progress=progress)
+    finally:
+        progress.close()
+    table = format_sweep_table(result)
+    print()
+    print(table)
+    if args.table:
+        with open(args.table, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print(f"\ntable: {args.table}")
+    if plot_sweep(result, args.output):
+        print(f"\nplot: {args.output}")
+    else:
+        print('(no plot: pip install "ema-callbacks[demo]" for matplotlib)')
+    print(f"training {result.seconds:.1f} s; done in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -245,6 +282,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", default="ema.safetensors")
     export.add_argument("--dtype", help="cast floating tensors, e.g. float16 or bfloat16")
     export.add_argument("--name", help="which EMA, if a checkpoint holds several")
+    export.add_argument(
+        "--profile",
+        help="which of several EMAs tracked together (e.g. ema_1000ba; default the primary one)",
+    )
     export.set_defaults(func=_export)
 
     hl = sub.add_parser("halflife", help="convert between smoothing (decay) and half-life")
@@ -263,6 +304,15 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--at", help="snapshot time to reconstruct at (default: the latest)")
     ph.add_argument("--dtype", default="float32")
     ph.set_defaults(func=_posthoc)
+
+    sw = sub.add_parser(
+        "sweep", help="accuracy against EMA half-life on digits, from one run (table and plot)"
+    )
+    sw.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--output", default="half_life_sweep.png", help="where to write the PNG plot")
+    sw.add_argument("--table", help="also write the markdown table to this file")
+    sw.set_defaults(func=_sweep)
     return parser
 
 

@@ -106,6 +106,27 @@ def test_transformers_checkpoint_folder(tmp_path: Path) -> None:
     assert read_ema(folder / "ema_state.safetensors").kind == "transformers"
 
 
+def test_transformers_folder_with_several_profiles(tmp_path: Path) -> None:
+    from ema_callbacks.transformers import EMATrainerCallback
+    from tests.transformers.hf_tiny import TinyRegressor, trainer
+
+    callback = EMATrainerCallback(half_life=["2ba", "20ba"], final_weights="training")
+    hf = trainer(tmp_path, [callback], save_strategy="steps", save_steps=4, max_steps=4)
+    hf.train()
+    folder = tmp_path / "checkpoint-4"
+    training = dict(hf.model.state_dict())
+    for profile in ("ema_2ba", "ema_20ba"):
+        out = tmp_path / f"{profile}.safetensors"
+        assert main(["export", str(folder), "-o", str(out), "--profile", profile]) == 0
+        exported = load_file(out)
+        TinyRegressor().load_state_dict(exported, strict=True)
+        weights = callback.controller.profile(profile).weights
+        assert weights is not None
+        _check(exported, weights.state_dict(), training)
+    with pytest.raises(ValueError, match="no EMA profile 'ema_5ba'"):
+        export_ema(folder, tmp_path / "x.safetensors", profile="ema_5ba")
+
+
 class _Payload:
     """Unpickling this would run code (it writes a marker file)."""
 
