@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,6 +77,10 @@ class EMA:
             waiting for :meth:`end_epoch`.
         max_duration: the planned length of the run (``'10ep'``, ``'5000ba'``), needed for
             ``dur`` times.
+        snapshot_every, snapshot_folder, snapshot_dtype, snapshot_keep: write post-hoc EMA
+            snapshots of the ``sigma_rel`` profiles into ``snapshot_folder`` on this interval
+            (see :mod:`ema_callbacks.posthoc`): ``EMA(model, sigma_rel=[0.05, 0.10],
+            snapshot_every='1000ba', snapshot_folder='run/ema_snapshots')``.
 
     >>> ema = EMA(torch.nn.Linear(2, 2), smoothing=0.9, half_life='5ba')
     Traceback (most recent call last):
@@ -106,6 +112,10 @@ class EMA:
         stream: bool = False,
         steps_per_epoch: int | None = None,
         max_duration: str | None = None,
+        snapshot_every: str | None = None,
+        snapshot_folder: str | os.PathLike[str] | None = None,
+        snapshot_dtype: str = "float16",
+        snapshot_keep: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -128,7 +138,23 @@ class EMA:
             device=device,
             nonfinite=nonfinite,
             stream=stream,
+            snapshot_every=snapshot_every,
+            snapshot_dtype=snapshot_dtype,
+            snapshot_keep=snapshot_keep,
         )
+        if snapshot_every is not None and snapshot_folder is None:
+            raise ValueError(
+                f"snapshot_every={snapshot_every!r} needs snapshot_folder, the folder the "
+                "post-hoc EMA snapshots are written to"
+            )
+        if snapshot_folder is not None and snapshot_every is None:
+            raise ValueError(
+                f"snapshot_folder={str(snapshot_folder)!r} is only used with snapshot_every "
+                "(the interval of post-hoc EMA snapshots)"
+            )
+        if snapshot_folder is not None and not isinstance(snapshot_folder, (str, os.PathLike)):
+            raise TypeError(f"snapshot_folder must be a path; got {snapshot_folder!r}")
+        self.snapshot_folder = None if snapshot_folder is None else Path(snapshot_folder)
         if steps_per_epoch is not None:
             steps_per_epoch = _count(steps_per_epoch, "steps_per_epoch")
             if steps_per_epoch == 0:
@@ -212,14 +238,23 @@ class EMA:
         """
         model = self._model(model)
         self._advance(samples, tokens)
-        return self.controller.batch_end(model, self.clock)
+        updated = self.controller.batch_end(model, self.clock)
+        self._snapshot()
+        return updated
 
     def end_epoch(self, model: nn.Module | None = None) -> bool:
         """An epoch ended: update the EMA if due (``'1ep'`` intervals). Returns True if it did."""
         model = self._model(model)
         self._epoch += 1
         self._batch_in_epoch = 0
-        return self.controller.epoch_end(model, self.clock)
+        updated = self.controller.epoch_end(model, self.clock)
+        self._snapshot()
+        return updated
+
+    def _snapshot(self) -> None:
+        clock = self.clock
+        if self.snapshot_folder is not None and self.controller.snapshot_due(clock):
+            self.controller.write_snapshots(self.snapshot_folder, clock)
 
     def _model(self, model: nn.Module | None) -> nn.Module:
         weights = self.controller.weights

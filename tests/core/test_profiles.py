@@ -298,3 +298,23 @@ def test_snapshot_keep_rotates_old_times_and_dtype_is_float16(tmp_path) -> None:
     ]
     snap = load_snapshot(tmp_path / "ema-10ba-sigma_rel0.1.safetensors")
     assert snap.tensors()["weight"].dtype == torch.float16
+
+
+def test_plain_ema_writes_snapshots_on_its_interval(tmp_path) -> None:
+    model = nn.Linear(4, 2)
+    ema = EMA(
+        model,
+        sigma_rel=[0.05, 0.10],
+        snapshot_every="5ba",
+        snapshot_folder=tmp_path / "snaps",
+    )
+    for step in range(1, 21):
+        _drift(model, step)
+        ema.step(model)
+    found = find_snapshots(tmp_path / "snaps")
+    assert sorted({s.time for s in found}) == [5.0, 10.0, 15.0, 20.0]
+    assert len(reconstruct(found, sigma_rel=0.07)) == 2
+    with pytest.raises(ValueError, match="needs snapshot_folder"):
+        EMA(model, sigma_rel=0.1, snapshot_every="5ba")
+    with pytest.raises(ValueError, match="only used with snapshot_every"):
+        EMA(model, sigma_rel=0.1, snapshot_folder=tmp_path)
