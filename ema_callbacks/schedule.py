@@ -24,6 +24,7 @@ updates or an interval in another unit it stays correct. ``half_life = 0`` means
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -228,17 +229,27 @@ class Clock:
 
     def get(self, unit: TimeUnit) -> float | None:
         """The progress in ``unit``, or ``None`` where it is unknown."""
-        return {
-            TimeUnit.BATCH: self.batch,
-            TimeUnit.EPOCH: self.epoch,
-            TimeUnit.SAMPLE: self.sample,
-            TimeUnit.TOKEN: self.token,
-            TimeUnit.DURATION: self.duration,
-        }[unit]
+        return getattr(self, _CLOCK_FIELDS[unit])  # type: ignore[no-any-return]
 
     def as_dict(self) -> dict[str, float]:
         """The known units, keyed by unit string (``{'ba': 10, 'ep': 0.5}``)."""
-        return {u.value: v for u in TimeUnit if (v := self.get(u)) is not None}
+        out: dict[str, float] = {"ba": self.batch, "ep": self.epoch}
+        if self.sample is not None:
+            out["sp"] = self.sample
+        if self.token is not None:
+            out["tok"] = self.token
+        if self.duration is not None:
+            out["dur"] = self.duration
+        return out
+
+
+_CLOCK_FIELDS = {
+    TimeUnit.BATCH: "batch",
+    TimeUnit.EPOCH: "epoch",
+    TimeUnit.SAMPLE: "sample",
+    TimeUnit.TOKEN: "token",
+    TimeUnit.DURATION: "duration",
+}
 
 
 @dataclass
@@ -424,10 +435,14 @@ class Schedule:
     @property
     def units(self) -> set[TimeUnit]:
         """Every unit the clock must count for this schedule."""
+        return set(self._units)
+
+    @functools.cached_property
+    def _units(self) -> frozenset[TimeUnit]:
         units = {self.update_interval.unit, self.start.unit}
         if self.half_life is not None:
             units.add(self.half_life.unit)
-        return units
+        return frozenset(units)
 
     def describe(self) -> str:
         """A short human label (``'half_life=50ba'``), used in metric names and messages."""
@@ -464,7 +479,7 @@ class Schedule:
 
     def due(self, clock: Clock, state: ScheduleState) -> Update | None:
         """The update due at ``clock``, or ``None``. Does not change ``state``."""
-        for needed in self.units:
+        for needed in self._units:
             self._now(clock, needed)  # every unit the schedule uses must be counted
         unit = self.update_interval.unit
         interval = self.update_interval.value
