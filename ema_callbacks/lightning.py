@@ -10,14 +10,20 @@
 The same class is a ``Callback`` of both import styles (``lightning.pytorch`` and the older
 ``pytorch_lightning``) when both are installed, so users of either write ``EMACallback``.
 
+Several EMAs (*profiles*) at once: ``EMACallback(half_life=['100ba', '1000ba'])``. Each
+validation (and test) epoch then measures the training weights under the module's own metric
+names and every EMA under prefixed names (``ema_1000ba/val_acc``), in one pass over the data.
+
 Hook map (Lightning hook -> controller event; see ``docs/lightning.md``):
 
 =================================================  =============================================
 ``on_fit_start``                                   ``fit_start`` (shadow built on the device)
 ``on_train_start``, ``on_train_batch_start``       ``train_start`` (training weights in)
-``on_train_batch_end`` (``global_step`` moved)     ``batch_end`` with the clock; log metrics
+``on_train_batch_end`` (``global_step`` moved)     ``batch_end`` with the clock; log metrics;
+                                                   post-hoc snapshots when due
 ``on_train_epoch_end``                             ``epoch_end``
 ``on_{validation,test,predict}_start``             ``eval_start`` (EMA in, once started)
+``on_{validation,test}_batch_end`` (several EMAs)  the step again per EMA, metrics prefixed
 ``on_{validation,test,predict}_end``               ``eval_end``
 ``on_train_end``                                   ``fit_end`` (``final_weights``)
 ``on_exception``                                   ``exception`` (training weights in)
@@ -30,16 +36,22 @@ Hook map (Lightning hook -> controller event; see ``docs/lightning.md``):
 'half_life=50ba'
 >>> EMACallback().controller.schedule.describe()      # Composer's default
 'half_life=1000ba'
+>>> EMACallback(half_life=['100ba', '1000ba']).controller.names
+['ema_100ba', 'ema_1000ba']
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ema_callbacks.controller import EMAController
 from ema_callbacks.schedule import Clock, ScheduleState
@@ -54,6 +66,7 @@ _bases: list[type] = []
 try:
     from lightning.pytorch.callbacks import Callback as _LightningCallback
     from lightning.pytorch.utilities.data import extract_batch_size as _extract_batch_size
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature as _takes
 
     _bases.append(_LightningCallback)
 except ImportError:  # pragma: no cover - depends on the environment
@@ -65,6 +78,9 @@ try:
     if len(_bases) == 1:  # pragma: no cover - only pytorch_lightning installed
         from pytorch_lightning.utilities.data import (  # type: ignore[no-redef]
             extract_batch_size as _extract_batch_size,
+        )
+        from pytorch_lightning.utilities.signature_utils import (  # type: ignore[no-redef]
+            is_param_in_hook_signature as _takes,
         )
 except ImportError:  # pragma: no cover - depends on the environment
     pass
@@ -125,6 +141,111 @@ def _count(value: Any, name: str) -> int:
     return value
 
 
+def _metric_types() -> tuple[type, ...]:
+    """torchmetrics' ``Metric`` and ``MetricCollection`` (a Lightning dependency)."""
+    try:
+        from torchmetrics import Metric, MetricCollection
+    except ImportError:  # pragma: no cover - torchmetrics comes with Lightning
+        return ()
+    return (Metric, MetricCollection)
+
+
+_Slot = tuple[nn.Module, str, nn.Module]
+
+
+def _find_metric_slots(module: nn.Module) -> list[_Slot]:
+    """``(parent, attribute, metric)`` for every outermost torchmetrics ``Metric`` or
+    ``MetricCollection`` registered under ``module`` (a collection is copied whole: its compute
+    groups share state between members)."""
+    types = _metric_types()
+    slots: list[_Slot] = []
+    if not types:  # pragma: no cover - torchmetrics comes with Lightning
+        return slots
+    seen: set[int] = set()
+
+    def visit(parent: nn.Module) -> None:
+        if id(parent) in seen:
+            return
+        seen.add(id(parent))
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if isinstance(child, types):
+                slots.append((parent, name, child))
+            else:
+                visit(child)
+
+    visit(module)
+    return slots
+
+
+@contextmanager
+def _metrics_replaced(
+    pl_module: Any, slots: list[_Slot], copies: Mapping[int, nn.Module]
+) -> Iterator[None]:
+    """The metric objects in ``slots`` replaced by ``copies`` (by the original's id) for the
+    block; the originals back afterwards, whatever happens."""
+    if not slots:
+        yield
+        return
+    # LightningModule.log finds a logged Metric's attribute name through this id cache.
+    cache = getattr(pl_module, "_metric_attributes", None)
+    try:
+        for parent, name, metric in slots:
+            parent._modules[name] = copies[id(metric)]
+        pl_module._metric_attributes = None
+        yield
+    finally:
+        for parent, name, metric in slots:
+            parent._modules[name] = metric
+        pl_module._metric_attributes = cache
+
+
+_MISSING = object()
+
+
+def _default_checkpoint_dir(trainer: Any) -> str | None:
+    """The folder a ``ModelCheckpoint()`` without ``dirpath`` would save into."""
+    root = getattr(trainer, "default_root_dir", None)
+    loggers = list(getattr(trainer, "loggers", []) or [])
+    if loggers:
+        logger = loggers[0]
+        save_dir = logger.save_dir or root
+        if save_dir is None:
+            return None
+        version = logger.version
+        version = version if isinstance(version, str) else f"version_{version}"
+        return os.path.join(str(save_dir), str(logger.name), version, "checkpoints")
+    return None if root is None else os.path.join(str(root), "checkpoints")
+
+
+@contextmanager
+def _logging_as(pl_module: Any, prefix: str, fx_name: str) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` of ``pl_module`` log ``'{prefix}/{name}'`` for the block,
+    as if from hook ``fx_name`` (same defaults, same result entries as the user's step)."""
+    original = pl_module.log
+    shadowed = pl_module.__dict__.get("log", _MISSING)
+    fx = getattr(pl_module, "_current_fx_name", None)
+
+    def log(*args: Any, **kwargs: Any) -> Any:
+        if "name" in kwargs:
+            kwargs["name"] = f"{prefix}/{kwargs['name']}"
+        elif args:
+            args = (f"{prefix}/{args[0]}", *args[1:])
+        return original(*args, **kwargs)
+
+    try:
+        pl_module.__dict__["log"] = log
+        pl_module._current_fx_name = fx_name
+        yield
+    finally:
+        pl_module._current_fx_name = fx
+        if shadowed is _MISSING:
+            pl_module.__dict__.pop("log", None)
+        else:
+            pl_module.__dict__["log"] = shadowed
+
+
 class EMACallback(_CallbackBase):
     """An exponential moving average of the LightningModule's weights, as a Lightning callback.
 
@@ -135,6 +256,18 @@ class EMACallback(_CallbackBase):
     schedule in the callback state, and say which is which in ``checkpoint['ema_callbacks']``;
     resuming continues from the training weights, bit-identically.
 
+    Several EMAs (*profiles*): a list for one of ``half_life``, ``smoothing`` or ``sigma_rel``
+    (``half_life=['100ba', '1000ba']``), or ``profiles``. Each validation and test epoch then
+    runs the module's ``validation_step``/``test_step`` on the training weights, as usual, and
+    once more per profile on that profile's EMA (swapped in, O(1)), in the same pass over the
+    data: what the step logs with ``self.log``/``self.log_dict`` is logged again as
+    ``'{profile}/{name}'`` (``'ema_1000ba/val_loss'``) with the same ``on_step``/``on_epoch``/
+    ``reduce_fx``/``batch_size``, so ``ModelCheckpoint(monitor='ema_1000ba/val_loss')`` and every
+    logger see it. torchmetrics ``Metric``/``MetricCollection`` attributes of the module get
+    one copy per profile for those runs, so the training weights' metric state stays its own.
+    ``predict`` uses the primary (first) profile; ``checkpoint['state_dict']`` holds the
+    primary profile's EMA, and the callback state every profile's.
+
     Time units: ``ba`` counts optimizer steps (``trainer.global_step``: one per
     ``accumulate_grad_batches`` batches); ``ep`` is fractional (batches done over
     ``trainer.num_training_batches``); ``sp`` sums batch sizes (``batch_size_fn``, default
@@ -143,10 +276,12 @@ class EMACallback(_CallbackBase):
     ``trainer.estimated_stepping_batches``.
 
     Args:
-        half_life: a time string (``'50ba'``, ``'1ep'``, ``'2e6tok'``, ``'0.1dur'``); default
-            ``'1000ba'`` when neither ``smoothing`` nor ``sigma_rel`` is given.
-        smoothing, sigma_rel, update_interval, start, warmup, warmup_gamma, warmup_power,
-            rampup_ratio: the schedule (:class:`~ema_callbacks.schedule.Schedule`).
+        half_life: a time string (``'50ba'``, ``'1ep'``, ``'2e6tok'``, ``'0.1dur'``), or a list
+            of them (one EMA each); default ``'1000ba'`` when neither ``smoothing`` nor
+            ``sigma_rel`` is given.
+        smoothing, sigma_rel: a number, or a list (one EMA each).
+        update_interval, start, warmup, warmup_gamma, warmup_power, rampup_ratio: the schedule
+            (:class:`~ema_callbacks.schedule.Schedule`), shared by every profile.
         include, exclude, trainable_only, buffers, dtype, device, nonfinite: which tensors and
             how they are stored (:class:`~ema_callbacks.weights.EMAWeights`).
         final_weights: what the model holds after ``fit``: ``'ema'`` (default) or
@@ -162,7 +297,25 @@ class EMACallback(_CallbackBase):
             required for ``tok`` times (Lightning does not count tokens).
         log_metrics: log ``ema/smoothing``, ``ema/num_updates`` and ``ema/num_skipped`` to the
             Trainer's loggers at the optimizer steps they write (``log_every_n_steps``).
+        profiles: several EMAs, each a mapping of schedule options that override the shared
+            ones, with an optional ``name`` (the metric prefix):
+            ``[{'name': 'fast', 'half_life': '100ba'}, {'name': 'slow', 'sigma_rel': 0.1}]``.
+        eval_all: evaluate the training weights and every profile (prefixed metrics) in each
+            validation/test epoch; default True with several profiles. False: only the primary
+            EMA is evaluated, under the module's own metric names (the single-EMA behaviour).
+        snapshot_every: write post-hoc EMA snapshots of the ``sigma_rel`` profiles on this
+            interval (``'1000ba'``), for :func:`ema_callbacks.posthoc.reconstruct`.
+        snapshot_dtype: dtype of the snapshot files (``'float16'``, as EDM2).
+        snapshot_keep: keep only the latest this many snapshot times (default: all).
+        snapshot_folder: where snapshots go; default ``<ModelCheckpoint dirpath>/ema_snapshots``
+            (or ``ema_snapshots`` in the folder a ``ModelCheckpoint`` would use by default).
 
+    >>> cb = EMACallback(profiles=[{'name': 'fast', 'half_life': '100ba'},
+    ...                            {'name': 'slow', 'half_life': '1000ba'}])
+    >>> cb.controller.names, cb.controller.eval_all
+    (['fast', 'slow'], True)
+    >>> EMACallback(sigma_rel=[0.05, 0.1], snapshot_every='500ba').controller.names
+    ['ema_sigma_rel0.05', 'ema_sigma_rel0.1']
     >>> EMACallback(half_life='-3ba')
     Traceback (most recent call last):
     ...
@@ -171,13 +324,17 @@ class EMACallback(_CallbackBase):
     Traceback (most recent call last):
     ...
     ValueError: half_life='2000tok' counts tokens, which Lightning does not count: pass tokens_fn='my_package.data.count_tokens' (a function batch -> number of tokens)
+    >>> EMACallback(half_life=['50ba', '2000tok'])
+    Traceback (most recent call last):
+    ...
+    ValueError: half_life='2000tok' (EMA profile 'ema_2000tok') counts tokens, which Lightning does not count: pass tokens_fn='my_package.data.count_tokens' (a function batch -> number of tokens)
     """
 
     def __init__(
         self,
-        half_life: str | float | None = None,
-        smoothing: float | None = None,
-        sigma_rel: float | None = None,
+        half_life: str | float | list[str | float] | None = None,
+        smoothing: float | list[float] | None = None,
+        sigma_rel: float | list[float] | None = None,
         update_interval: str | None = None,
         start: str = "0ba",
         warmup: str = "none",
@@ -198,6 +355,12 @@ class EMACallback(_CallbackBase):
         batch_size_fn: str | Callable[[Any], int] | None = None,
         tokens_fn: str | Callable[[Any], int] | None = None,
         log_metrics: bool = True,
+        profiles: list[dict[str, Any]] | None = None,
+        eval_all: bool | None = None,
+        snapshot_every: str | None = None,
+        snapshot_dtype: str = "float16",
+        snapshot_keep: int | None = None,
+        snapshot_folder: str | None = None,
     ) -> None:
         super().__init__()
         self.controller = EMAController.create(
@@ -220,7 +383,26 @@ class EMACallback(_CallbackBase):
             final_weights=final_weights,
             eval_with_ema=eval_with_ema,
             train_with_ema_weights=train_with_ema_weights,
+            profiles=profiles,
+            eval_all=eval_all,
+            snapshot_every=snapshot_every,
+            snapshot_dtype=snapshot_dtype,
+            snapshot_keep=snapshot_keep,
         )
+        if snapshot_folder is not None:
+            if not isinstance(snapshot_folder, (str, os.PathLike)):
+                raise TypeError(f"snapshot_folder must be a folder path; got {snapshot_folder!r}")
+            if snapshot_every is None:
+                raise ValueError(
+                    f"snapshot_folder={str(snapshot_folder)!r} is only used with snapshot_every "
+                    "(e.g. snapshot_every='1000ba')"
+                )
+            if "://" in str(snapshot_folder):
+                raise ValueError(
+                    f"snapshot_folder must be a local folder; got {str(snapshot_folder)!r}"
+                )
+        self.snapshot_folder = None if snapshot_folder is None else str(snapshot_folder)
+        self._snapshot_dir: str | None = None
         if checkpoint_weights not in CHECKPOINT_WEIGHTS:
             raise ValueError(
                 f"checkpoint_weights must be one of {CHECKPOINT_WEIGHTS}; got {checkpoint_weights!r}"
@@ -235,18 +417,8 @@ class EMACallback(_CallbackBase):
         self.tokens_fn = _resolve_callable(tokens_fn, "tokens_fn")
         units = self.controller.units
         if TimeUnit.TOKEN in units and self.tokens_fn is None:
-            schedule = self.controller.schedule
-            culprit = next(
-                f"{n}='{t}'"
-                for n, t in (
-                    ("half_life", schedule.half_life),
-                    ("update_interval", schedule.update_interval),
-                    ("start", schedule.start),
-                )
-                if t is not None and t.unit is TimeUnit.TOKEN
-            )
             raise ValueError(
-                f"{culprit} counts tokens, which Lightning does not count: pass "
+                f"{self._token_culprit()} counts tokens, which Lightning does not count: pass "
                 "tokens_fn='my_package.data.count_tokens' (a function batch -> number of tokens)"
             )
         self._count_samples = TimeUnit.SAMPLE in units
@@ -255,6 +427,27 @@ class EMACallback(_CallbackBase):
         self._reset_clock()
         self._total_steps: float | None = None
         self._imported: dict[str, Any] | None = None
+        # Per-profile copies of the module's torchmetrics objects, for one evaluation epoch.
+        self._metric_slots: list[_Slot] | None = None
+        self._metric_copies: dict[str, dict[int, nn.Module]] = {}
+        self._predict_swap: ExitStack | None = None
+
+    def _token_culprit(self) -> str:
+        """The option that counts tokens, for the error message."""
+        several = len(self.controller.profiles) > 1
+        for p in self.controller.profiles:
+            s = p.schedule
+            for n, t in (
+                ("half_life", s.half_life),
+                ("update_interval", s.update_interval),
+                ("start", s.start),
+            ):
+                if t is not None and t.unit is TimeUnit.TOKEN:
+                    return f"{n}='{t}'" + (f" (EMA profile {p.name!r})" if several else "")
+        snapshots = self.controller.snapshot_schedule
+        if snapshots is not None and snapshots.update_interval.unit is TimeUnit.TOKEN:
+            return f"snapshot_every='{snapshots.update_interval}'"
+        return "the EMA schedule"  # pragma: no cover - units come from the options above
 
     # -- clock ----------------------------------------------------------------------------
 
@@ -316,6 +509,38 @@ class EMACallback(_CallbackBase):
         )
         if self._imported is not None:
             self._load_imported()
+        self._snapshot_dir = None
+        if self.controller.snapshot_schedule is not None:
+            self._snapshot_dir = self._resolve_snapshot_folder(trainer)
+
+    def _resolve_snapshot_folder(self, trainer: Trainer) -> str:
+        """``snapshot_folder``, or ``ema_snapshots`` in the ``ModelCheckpoint``'s folder (the
+        folder one would use by default without one), as rank 0 sees it."""
+        folder = self.snapshot_folder
+        if folder is None:
+            ckpt = trainer.checkpoint_callback
+            base = getattr(ckpt, "dirpath", None) if ckpt is not None else None
+            if base is None:
+                base = _default_checkpoint_dir(trainer)
+            if base is not None:
+                folder = os.path.join(str(base), "ema_snapshots")
+        if folder is not None and trainer.world_size > 1:
+            folder = trainer.strategy.broadcast(folder)
+        if folder is None or "://" in str(folder):
+            assert self.controller.snapshot_schedule is not None
+            where = "no checkpoint folder" if folder is None else f"{folder!r}, not a local folder"
+            raise ValueError(
+                f"snapshot_every={str(self.controller.snapshot_schedule.update_interval)!r} writes "
+                f"post-hoc EMA snapshots next to the checkpoints, but the Trainer has {where}; "
+                "pass snapshot_folder='path/to/ema_snapshots'"
+            )
+        return str(folder)
+
+    def _maybe_snapshot(self, trainer: Trainer, clock: Clock) -> None:
+        """Post-hoc snapshots when due (every rank: a sharded EMA is gathered; rank 0 writes)."""
+        if self._snapshot_dir is None or not self.controller.snapshot_due(clock):
+            return
+        self.controller.write_snapshots(self._snapshot_dir, clock, write=trainer.is_global_zero)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Training weights in; optimizer steps are counted from here (after a resume too)."""
@@ -347,7 +572,9 @@ class EMACallback(_CallbackBase):
         per_epoch = trainer.num_training_batches
         if per_epoch and math.isfinite(per_epoch):
             epoch += min(1.0, (batch_idx + 1) / per_epoch)
-        self.controller.batch_end(pl_module, self._clock(trainer, epoch))
+        clock = self._clock(trainer, epoch)
+        self.controller.batch_end(pl_module, clock)
+        self._maybe_snapshot(trainer, clock)
         if self.log_metrics and self._logging_step(trainer):
             pl_module.log_dict(
                 {f"ema/{k}": v for k, v in self.controller.metrics().items()},
@@ -367,7 +594,9 @@ class EMACallback(_CallbackBase):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``epoch_end`` (updates with an ``ep`` interval when the epoch length is unknown)."""
-        self.controller.epoch_end(pl_module, self._clock(trainer, float(trainer.current_epoch + 1)))
+        clock = self._clock(trainer, float(trainer.current_epoch + 1))
+        self.controller.epoch_end(pl_module, clock)
+        self._maybe_snapshot(trainer, clock)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``fit_end``: leave the EMA (``final_weights='ema'``) or the training weights in."""
@@ -377,33 +606,150 @@ class EMACallback(_CallbackBase):
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         """Training weights back in, whatever happened."""
+        self._close_predict_swap()
         self.controller.exception(pl_module)
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """EMA weights in (sanity check included), once the EMA has started."""
+    @property
+    def _evaluates_profiles(self) -> bool:
+        """Whether each evaluation covers the training weights and every profile."""
+        return self.controller.eval_all and self.controller.eval_with_ema
+
+    def _begin_evaluation(self, pl_module: LightningModule, step_name: str) -> None:
+        self._metric_slots = None
+        self._metric_copies = {}
+        if self._evaluates_profiles:
+            if _takes(getattr(pl_module, step_name), "dataloader_iter", explicit=True):
+                raise ValueError(
+                    f"evaluating several EMAs runs {step_name} again on each batch with each "
+                    f"EMA, which a {step_name}(dataloader_iter) cannot do; take (batch, batch_idx) "
+                    "or pass eval_all=False (then only the primary EMA is evaluated)"
+                )
+            self._apply_loaded(pl_module)
         self.controller.eval_start(pl_module)
+
+    def _apply_loaded(self, pl_module: LightningModule) -> None:
+        """Build the shadows now from a checkpoint's EMAs loaded outside ``fit``: before the
+        trainer's own pass, and outside ``inference_mode`` (``validate``/``test`` run in it;
+        the shadows may be updated by a later ``fit``)."""
+        if any(p.pending is not None for p in self.controller.profiles):
+            with torch.inference_mode(False):
+                self.controller.setup(pl_module)
+
+    def _end_evaluation(self, pl_module: LightningModule) -> None:
+        self._metric_slots = None
+        self._metric_copies = {}
+        self.controller.eval_end(pl_module)
+
+    def _evaluate_profiles(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step_name: str,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int | None,
+    ) -> None:
+        """Run ``step_name`` on ``batch`` once per profile, with that profile's EMA in (O(1)
+        swap), its own copies of the module's torchmetrics objects, and everything the step
+        logs renamed ``'{profile}/{name}'``. Grad stays off; the previous weights, metrics and
+        ``log`` are back afterwards, whatever happens."""
+        if not self._evaluates_profiles:
+            return
+        # Before a profile has started its EMA is the training weights (as with one EMA): in
+        # fit it is measured as such, so its metrics exist from the first validation on.
+        # Outside fit, a profile that never started has no EMA to evaluate.
+        profiles = [p for p in self.controller.profiles if p.started or self._stage == "fit"]
+        if not profiles:
+            return
+        args: list[Any] = [batch]
+        if _takes(getattr(pl_module, step_name), "batch_idx", min_args=2):
+            args.append(batch_idx)
+        if dataloader_idx is not None:
+            args.append(dataloader_idx)
+        run = getattr(trainer.strategy, step_name)  # precision context, DDP redirection
+        if self._metric_slots is None:
+            self._metric_slots = _find_metric_slots(pl_module)
+        slots = self._metric_slots
+        for p in profiles:
+            copies = self._metric_copies.get(p.name)
+            if copies is None:
+                copies = self._metric_copies[p.name] = {}
+                for _, _, metric in slots:
+                    if id(metric) not in copies:
+                        twin = copy.deepcopy(metric)
+                        twin.reset()  # type: ignore[operator]
+                        copies[id(metric)] = twin
+            with ExitStack() as stack:
+                stack.enter_context(self.controller.ema_weights(pl_module, p.name))
+                stack.enter_context(_metrics_replaced(pl_module, slots, copies))
+                stack.enter_context(_logging_as(pl_module, p.name, step_name))
+                stack.enter_context(torch.no_grad())
+                run(*args)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """EMA weights in (sanity check included), once the EMA has started; with several EMAs
+        the training weights stay in (each EMA is run in ``on_validation_batch_end``)."""
+        self._begin_evaluation(pl_module, "validation_step")
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int | None = None,
+    ) -> None:
+        """Several EMAs: ``validation_step`` again on each EMA, its metrics prefixed."""
+        self._evaluate_profiles(
+            trainer, pl_module, "validation_step", batch, batch_idx, dataloader_idx
+        )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Training weights back (unless ``fit`` ended with ``final_weights='ema'``)."""
-        self.controller.eval_end(pl_module)
+        self._end_evaluation(pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """EMA weights in for ``trainer.test``."""
-        self.controller.eval_start(pl_module)
+        """EMA weights in for ``trainer.test`` (several EMAs: as for validation)."""
+        self._begin_evaluation(pl_module, "test_step")
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int | None = None,
+    ) -> None:
+        """Several EMAs: ``test_step`` again on each EMA, its metrics prefixed."""
+        self._evaluate_profiles(trainer, pl_module, "test_step", batch, batch_idx, dataloader_idx)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Previous weights back."""
-        self.controller.eval_end(pl_module)
+        self._end_evaluation(pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """EMA weights in for ``trainer.predict``."""
-        self.controller.eval_start(pl_module)
+        """EMA weights in for ``trainer.predict`` (the primary one with several EMAs)."""
+        if self._evaluates_profiles:
+            self._apply_loaded(pl_module)
+            if self.controller.primary.started:
+                self._predict_swap = ExitStack()
+                self._predict_swap.enter_context(self.controller.ema_weights(pl_module))
+        else:
+            self.controller.eval_start(pl_module)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Previous weights back."""
+        self._close_predict_swap()
         self.controller.eval_end(pl_module)
+
+    def _close_predict_swap(self) -> None:
+        if self._predict_swap is not None:
+            swap, self._predict_swap = self._predict_swap, None
+            swap.close()
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -428,8 +774,13 @@ class EMACallback(_CallbackBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` when resuming ``fit``. Outside ``fit`` (``validate``,
-        ``test`` from a checkpoint) the model keeps the checkpoint's ``state_dict``."""
+        ``test`` from a checkpoint) the model keeps the checkpoint's ``state_dict``; with
+        several EMAs evaluated, the checkpoint's EMAs are loaded for the prefixed metrics."""
         if self._stage not in (None, "fit"):
+            if self._evaluates_profiles:
+                self.controller.load_state_dict(
+                    {k: v for k, v in state_dict.items() if k != "training"}
+                )
             return
         self.controller.load_state_dict(state_dict)
         clock = dict(state_dict.get("clock", {}))
@@ -457,6 +808,9 @@ class EMACallback(_CallbackBase):
                 for key, value in checkpoint["state_dict"].items()
             }
         checkpoint[CHECKPOINT_KEY] = {"state_dict_holds": holds, "callback": self.state_key}
+        if len(self.controller.profiles) > 1:
+            # Several EMAs: state_dict holds the primary one; the others are in the state.
+            checkpoint[CHECKPOINT_KEY]["profile"] = self.controller.primary.name
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
