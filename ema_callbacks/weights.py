@@ -345,15 +345,20 @@ class EMAWeights:
                 f"(include={include!r}, exclude={exclude!r}, trainable_only={trainable_only}, "
                 f"buffers={buffers!r})"
             )
-        for e in entries:
-            src = self._source_of(e)
-            shadow_dtype = self._shadow_dtype(src)
-            target = self.device if self.device is not None else src.device
-            t = src.detach().to(device=target, dtype=shadow_dtype, copy=True)
-            if target.type == "cpu" and src.device.type == "cuda":
-                t = t.pin_memory()
-            self.shadow[e.name] = t
-            self._average[e.name] = e.average
+        # Normal tensors even when built inside ``torch.inference_mode`` (a trainer's validate
+        # or test before fit): inference tensors could not be updated in place later.
+        with torch.inference_mode(False):
+            for e in entries:
+                src = self._source_of(e)
+                shadow_dtype = self._shadow_dtype(src)
+                target = self.device if self.device is not None else src.device
+                t = src.detach().to(device=target, dtype=shadow_dtype, copy=True)
+                if t.is_inference():
+                    t = t.clone()
+                if target.type == "cpu" and src.device.type == "cuda":
+                    t = t.pin_memory()
+                self.shadow[e.name] = t
+                self._average[e.name] = e.average
         self.bind(model)
 
     # -- selection and binding ------------------------------------------------------------

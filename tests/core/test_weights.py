@@ -366,3 +366,14 @@ def test_fsdp1_refused_with_alternative_named() -> None:
 
     with pytest.raises(ValueError, match="fully_shard"):
         EMAWeights(FullyShardedDataParallel(nn.Linear(2, 2)))
+
+
+def test_shadow_built_in_inference_mode_can_be_updated_later() -> None:
+    model = torch.nn.Linear(3, 2)
+    with torch.inference_mode():
+        w = EMAWeights(model)
+    assert not any(t.is_inference() for t in w.shadow.values())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    w.update_(0.5, model)  # an inference tensor would raise here
+    assert torch.allclose(w.shadow["weight"], model.weight - 0.5)
