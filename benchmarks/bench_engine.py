@@ -511,6 +511,11 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
         "[Composer](performance_composer.md) (`benchmarks/bench_composer_overhead.py`),",
         "[Lightning](performance_lightning.md) (`benchmarks/bench_lightning_overhead.py`).",
         "",
+        "## Several EMAs at once",
+        "",
+        "K EMAs of one model updated together against K separate updates and K timm EMAs:",
+        "[performance_profiles.md](performance_profiles.md) (`benchmarks/bench_profiles.py`).",
+        "",
     ]
     return "\n".join(lines)
 
