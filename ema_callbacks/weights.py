@@ -202,16 +202,31 @@ def lerp_(shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight
         torch._foreach_lerp_(list(shadow), list(source), weight)
 
 
-def _lerp_weights_(
-    shadow: list[torch.Tensor], source: list[torch.Tensor], weights: list[float]
+def _blend_(
+    targets: Sequence[tuple[list[torch.Tensor], float]], sources: list[torch.Tensor]
 ) -> None:
-    """One ``_foreach_lerp_`` with a weight per tensor (a scalar when they are all equal)."""
-    if not shadow:
-        return
-    if all(w == weights[0] for w in weights):
-        torch._foreach_lerp_(shadow, source, weights[0])
-    else:
-        torch._foreach_lerp_(shadow, source, weights)
+    """For every target ``(shadows, weight)`` (``shadows`` aligned with ``sources``):
+    ``shadows += weight * (sources - shadows)``, weight 1 copying and 0 skipping. One
+    ``_foreach_copy_`` for the copies and one ``_foreach_lerp_`` for the rest, with a weight per
+    tensor (a scalar when they are all equal): each source is read once per fused call for every
+    target."""
+    copies: list[torch.Tensor] = []
+    lerps: list[torch.Tensor] = []
+    ws: list[float] = []
+    for shadows, w in targets:
+        if w == 1.0:
+            copies.extend(shadows)
+        elif w != 0.0:
+            lerps.extend(shadows)
+            ws.extend([w] * len(shadows))
+    if copies:
+        torch._foreach_copy_(copies, sources * (len(copies) // len(sources)))
+    if lerps:
+        xs = sources * (len(lerps) // len(sources))
+        if all(w == ws[0] for w in ws):
+            torch._foreach_lerp_(lerps, xs, ws[0])
+        else:
+            torch._foreach_lerp_(lerps, xs, ws)
 
 
 @dataclass
@@ -610,21 +625,11 @@ class EMAWeights:
                 torch.cuda.current_stream(sources[0].device).synchronize()
 
         def apply(index: list[int], staged: list[torch.Tensor], part: slice | None) -> None:
-            copies: list[torch.Tensor] = []
-            lerps: list[torch.Tensor] = []
-            xs: list[torch.Tensor] = []
-            ws: list[float] = []
-            for shadows, w in targets:
-                chosen = [shadows[i] if part is None else shadows[i].view(-1)[part] for i in index]
-                if w == 1.0:
-                    copies.extend(chosen)
-                else:
-                    lerps.extend(chosen)
-                    xs.extend(staged)
-                    ws.extend([w] * len(chosen))
-            if copies:
-                torch._foreach_copy_(copies, staged * (len(copies) // len(staged)))
-            _lerp_weights_(lerps, xs, ws)
+            chosen = [
+                ([sh[i] if part is None else sh[i].view(-1)[part] for i in index], w)
+                for sh, w in targets
+            ]
+            _blend_(chosen, staged)
 
         cap = scratch.numel()
         batch_i: list[int] = []
@@ -1016,21 +1021,10 @@ def update_together_(
     side = lead._side_stream_for_update()
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
         for gi, group in enumerate(lead._groups):
-            sources = group.sources()
-            copies: list[torch.Tensor] = []
-            lerps: list[torch.Tensor] = []
-            ws: list[float] = []
-            for w, f in zip(weights, factors, strict=True):
-                shadows = w._groups[gi].shadows
-                if f == 1.0:
-                    copies.extend(shadows)
-                elif f != 0.0:
-                    lerps.extend(shadows)
-                    ws.extend([f] * len(shadows))
-            if copies:
-                torch._foreach_copy_(copies, sources * (len(copies) // len(sources)))
-            if lerps:
-                _lerp_weights_(lerps, sources * (len(lerps) // len(sources)), ws)
+            _blend_(
+                [(w._groups[gi].shadows, f) for w, f in zip(weights, factors, strict=True)],
+                group.sources(),
+            )
         for gi, group in enumerate(lead._mixed):
             lead._mixed_lerp_(
                 group.sources(),
