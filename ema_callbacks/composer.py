@@ -68,7 +68,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without Compose
         'ema_callbacks.composer needs MosaicML Composer: pip install "ema-callbacks[composer]"'
     ) from _err
 
-from ema_callbacks.controller import STATE_FORMAT, EMAController
+from ema_callbacks.controller import STATE_FORMAT, EMAController, _snapshot_folder_option
 from ema_callbacks.schedule import Clock
 from ema_callbacks.time_strings import Time
 from ema_callbacks.weights import normalize_name, unwrap_model
@@ -284,16 +284,7 @@ class EMA(Algorithm):  # type: ignore[misc]
             )
         if not isinstance(ema_start, Time):
             Time.parse(ema_start, "ema_start")  # validated here so the message names it
-        if snapshot_folder is not None:
-            if not isinstance(snapshot_folder, (str, os.PathLike)):
-                raise TypeError(
-                    f"snapshot_folder must be a folder path or None; got {snapshot_folder!r}"
-                )
-            if snapshot_every is None:
-                raise ValueError(
-                    f"snapshot_folder={os.fspath(snapshot_folder)!r} is set but snapshot_every "
-                    "is not: give snapshot_every (e.g. '1000ba') to write post-hoc snapshots"
-                )
+        folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
         self._options: dict[str, Any] = {
             "half_life": half_life,
             "smoothing": smoothing,
@@ -321,7 +312,7 @@ class EMA(Algorithm):  # type: ignore[misc]
             "snapshot_keep": snapshot_keep,
         }
         self.controller = EMAController.create(**self._options)
-        self._snapshot_folder = None if snapshot_folder is None else os.fspath(snapshot_folder)
+        self._snapshot_folder = folder
         self._shown = {
             "half_life": half_life if explicit_half_life else None,
             "smoothing": smoothing,

@@ -43,6 +43,7 @@ True
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -88,6 +89,24 @@ _SCHEDULE_KEYS = (
     "rampup_ratio",
 )
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _snapshot_folder_option(
+    snapshot_folder: str | os.PathLike[str] | None, snapshot_every: object
+) -> str | None:
+    """The adapters' ``snapshot_folder`` option, checked at construction: a path, and only
+    with ``snapshot_every``. Returns it as a string (None stays None)."""
+    if snapshot_folder is None:
+        return None
+    if not isinstance(snapshot_folder, (str, os.PathLike)):
+        raise TypeError(f"snapshot_folder must be a folder path or None; got {snapshot_folder!r}")
+    folder = os.fspath(snapshot_folder)
+    if snapshot_every is None:
+        raise ValueError(
+            f"snapshot_folder={folder!r} is only used with snapshot_every (the interval of "
+            "post-hoc EMA snapshots, e.g. snapshot_every='1000ba')"
+        )
+    return folder
 
 
 def profile_name(schedule: Schedule) -> str:
@@ -256,19 +275,13 @@ class EMAController:
                     "the sigma_rel profiles, but there is none; track some, e.g. "
                     "sigma_rel=[0.05, 0.10]"
                 )
-        from ema_callbacks.posthoc import _storage_dtype
+        from ema_callbacks.posthoc import _STORAGE_DTYPES
 
-        if not isinstance(snapshot_dtype, str) or snapshot_dtype not in (
-            "float16",
-            "bfloat16",
-            "float32",
-            "float64",
-        ):
+        if not isinstance(snapshot_dtype, str) or snapshot_dtype not in _STORAGE_DTYPES:
             raise ValueError(
-                "snapshot_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64'; "
+                f"snapshot_dtype must be one of {', '.join(map(repr, _STORAGE_DTYPES))}; "
                 f"got {snapshot_dtype!r}"
             )
-        _storage_dtype(snapshot_dtype)
         if snapshot_keep is not None and (
             isinstance(snapshot_keep, bool)
             or not isinstance(snapshot_keep, int)
@@ -784,8 +797,7 @@ class EMAController:
         if training and self.weights is not None:
             # The training weights, wherever they are (in the model, or held aside by the
             # profile swapped in).
-            holder = self.profile(self.active_profile).weights if self.active_profile else None
-            source = holder if holder is not None else self.weights
+            source = self.profile(self.active_profile).weights or self.weights
             state["training"] = {
                 k: v.detach().clone() for k, v in source.training_state_dict().items()
             }

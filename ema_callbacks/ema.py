@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ema_callbacks.controller import EMAController
+from ema_callbacks.controller import EMAController, _snapshot_folder_option
 from ema_callbacks.schedule import Clock
 from ema_callbacks.time_strings import Time, TimeUnit
 
@@ -147,14 +147,8 @@ class EMA:
                 f"snapshot_every={snapshot_every!r} needs snapshot_folder, the folder the "
                 "post-hoc EMA snapshots are written to"
             )
-        if snapshot_folder is not None and snapshot_every is None:
-            raise ValueError(
-                f"snapshot_folder={str(snapshot_folder)!r} is only used with snapshot_every "
-                "(the interval of post-hoc EMA snapshots)"
-            )
-        if snapshot_folder is not None and not isinstance(snapshot_folder, (str, os.PathLike)):
-            raise TypeError(f"snapshot_folder must be a path; got {snapshot_folder!r}")
-        self.snapshot_folder = None if snapshot_folder is None else Path(snapshot_folder)
+        folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
+        self.snapshot_folder = None if folder is None else Path(folder)
         if steps_per_epoch is not None:
             steps_per_epoch = _count(steps_per_epoch, "steps_per_epoch")
             if steps_per_epoch == 0:

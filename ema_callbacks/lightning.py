@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ema_callbacks.controller import EMAController
+from ema_callbacks.controller import EMAController, _snapshot_folder_option
 from ema_callbacks.schedule import Clock, ScheduleState
 from ema_callbacks.time_strings import TimeUnit
 from ema_callbacks.weights import normalize_name
@@ -389,19 +389,10 @@ class EMACallback(_CallbackBase):
             snapshot_dtype=snapshot_dtype,
             snapshot_keep=snapshot_keep,
         )
-        if snapshot_folder is not None:
-            if not isinstance(snapshot_folder, (str, os.PathLike)):
-                raise TypeError(f"snapshot_folder must be a folder path; got {snapshot_folder!r}")
-            if snapshot_every is None:
-                raise ValueError(
-                    f"snapshot_folder={str(snapshot_folder)!r} is only used with snapshot_every "
-                    "(e.g. snapshot_every='1000ba')"
-                )
-            if "://" in str(snapshot_folder):
-                raise ValueError(
-                    f"snapshot_folder must be a local folder; got {str(snapshot_folder)!r}"
-                )
-        self.snapshot_folder = None if snapshot_folder is None else str(snapshot_folder)
+        folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
+        if folder is not None and "://" in folder:
+            raise ValueError(f"snapshot_folder must be a local folder; got {folder!r}")
+        self.snapshot_folder = folder
         self._snapshot_dir: str | None = None
         if checkpoint_weights not in CHECKPOINT_WEIGHTS:
             raise ValueError(

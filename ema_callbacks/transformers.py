@@ -70,7 +70,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ema_callbacks.controller import EMAController, EMAProfile
+from ema_callbacks.controller import EMAController, EMAProfile, _snapshot_folder_option
 from ema_callbacks.files import atomic_write
 from ema_callbacks.schedule import Clock
 from ema_callbacks.weights import EMAWeights, normalize_name, unwrap_model
@@ -609,15 +609,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             raise TypeError(
                 f"snapshot_every must be a time string like '1000ba' or None; got {snapshot_every!r}"
             )
-        if snapshot_folder is not None:
-            if not isinstance(snapshot_folder, (str, os.PathLike)):
-                raise TypeError(f"snapshot_folder must be a path or None; got {snapshot_folder!r}")
-            snapshot_folder = os.fspath(snapshot_folder)
-            if snapshot_every is None:
-                raise ValueError(
-                    f"snapshot_folder={snapshot_folder!r} is where post-hoc snapshots go, but "
-                    "snapshot_every is not set; set it, e.g. snapshot_every='1000ba'"
-                )
+        snapshot_folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
         if isinstance(profiles, (list, tuple)) and all(isinstance(p, Mapping) for p in profiles):
             profiles = [
                 {k: _json_time(v) if k == "half_life" else _json_list(v) for k, v in p.items()}
