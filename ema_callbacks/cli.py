@@ -29,6 +29,7 @@ import importlib.util
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -258,12 +259,22 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ema_callbacks import __version__
+
     parser = argparse.ArgumentParser(
         prog="ema-callbacks", description="Exponential moving averages of model weights."
     )
+    parser.add_argument("--version", action="version", version=f"ema-callbacks {__version__}")
+    # Options every subcommand takes (after the subcommand's name).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the full traceback when the command fails"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train on scikit-learn's digits: raw vs EMA, per trainer")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="train on scikit-learn's digits: raw vs EMA, per trainer"
+    )
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--half-life", default="0.5ep")
     demo.add_argument("--seed", type=int, default=0)
@@ -271,11 +282,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--trainers", nargs="*", help="only these (plain always runs)")
     demo.set_defaults(func=_demo)
 
-    run = sub.add_parser("run", help="run a training described by a YAML file")
+    run = sub.add_parser("run", parents=[common], help="run a training described by a YAML file")
     run.add_argument("config")
     run.set_defaults(func=_run)
 
-    export = sub.add_parser("export", help="write a checkpoint's EMA weights as safetensors")
+    export = sub.add_parser(
+        "export", parents=[common], help="write a checkpoint's EMA weights as safetensors"
+    )
     export.add_argument(
         "checkpoint", help="Composer .pt, Lightning .ckpt, transformers checkpoint-N/"
     )
@@ -288,14 +301,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=_export)
 
-    hl = sub.add_parser("halflife", help="convert between smoothing (decay) and half-life")
+    hl = sub.add_parser(
+        "halflife", parents=[common], help="convert between smoothing (decay) and half-life"
+    )
     group = hl.add_mutually_exclusive_group(required=True)
     group.add_argument("--smoothing", type=float, help="per-update decay, e.g. 0.999")
     group.add_argument("--half-life", help="a time string, e.g. 693ba")
     hl.add_argument("--interval", default="1ba", help="update interval (default 1ba)")
     hl.set_defaults(func=_halflife)
 
-    ph = sub.add_parser("posthoc", help="reconstruct an EMA from post-hoc snapshots (EDM2)")
+    ph = sub.add_parser(
+        "posthoc", parents=[common], help="reconstruct an EMA from post-hoc snapshots (EDM2)"
+    )
     ph.add_argument("inputs", nargs="+", help="snapshot files or folders")
     ph.add_argument("-o", "--output", default="posthoc_ema.safetensors")
     target = ph.add_mutually_exclusive_group(required=True)
@@ -306,7 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     ph.set_defaults(func=_posthoc)
 
     sw = sub.add_parser(
-        "sweep", help="accuracy against EMA half-life on digits, from one run (table and plot)"
+        "sweep",
+        parents=[common],
+        help="accuracy against EMA half-life on digits, from one run (table and plot)",
     )
     sw.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     sw.add_argument("--seed", type=int, default=0)
@@ -317,11 +336,44 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, with the reason)."""
+    """Run the command line; returns the exit status.
+
+    0: done. 1: the run failed (a damaged or unreadable file, an output that cannot be written,
+    a missing extra, a training error). 2: bad usage (an argument breaks a rule, with the flag
+    named, or names a path that does not exist). Errors are one line on stderr; ``--debug`` shows the traceback as well.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"ema-callbacks {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"ema-callbacks {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        status = _exit_status(err)
+        print(f"ema-callbacks {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return status
+
+
+def _exit_status(err: BaseException) -> int:
+    """2 for bad usage (a rule broken, a path that does not exist), 1 for a failed run (a damaged
+    or unreadable file, an unwritable output, a missing extra, anything unexpected)."""
+    from ema_callbacks.files import FileProblem
+
+    if isinstance(err, FileNotFoundError):
         return 2
+    if isinstance(err, FileProblem | OSError | ImportError):
+        return 1
+    if isinstance(err, ValueError | TypeError):
+        return 2
+    return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text

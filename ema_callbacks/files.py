@@ -15,7 +15,20 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["FileProblem", "atomic_write"]
+
+
+class FileProblem(ValueError):
+    """A file given to a command is damaged, unreadable or of the wrong kind, or an output path
+    cannot be written. The message is one line naming the path and what is wrong; the command
+    line reports it with exit status 1 (a failed run), while a plain ``ValueError`` or
+    ``TypeError`` is bad usage (exit status 2).
+
+    >>> raise FileProblem("ckpt.pt: empty file (0 bytes), not a checkpoint")
+    Traceback (most recent call last):
+    ...
+    ema_callbacks.files.FileProblem: ckpt.pt: empty file (0 bytes), not a checkpoint
+    """
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
