@@ -71,7 +71,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without Compose
 from ema_callbacks.controller import STATE_FORMAT, EMAController, _snapshot_folder_option
 from ema_callbacks.schedule import Clock
 from ema_callbacks.time_strings import Time
-from ema_callbacks.weights import normalize_name, unwrap_model
+from ema_callbacks.weights import expand_aliases, normalize_name, unwrap_model
 
 __all__ = ["EMA"]
 
@@ -678,9 +678,10 @@ class EMA(Algorithm):  # type: ignore[misc]
                 self._pinned = target.name
             return model
         if target.started:
-            self._copy_into(model, target.weights.state_dict())
+            self._copy_into(model, target.weights.state_dict(aliases=True))
         else:
-            self._copy_into(model, target.weights.training_state_dict())
+            training = target.weights.training_state_dict()
+            self._copy_into(model, expand_aliases(training, target.weights.aliases))
         return model
 
     def get_training_model(self, model: nn.Module) -> nn.Module:
@@ -700,7 +701,8 @@ class EMA(Algorithm):  # type: ignore[misc]
         if self._bound(model):
             controller.train_start(model)  # also ends fit_end's final EMA swap
         else:
-            self._copy_into(model, controller.weights.training_state_dict())
+            training = controller.weights.training_state_dict()
+            self._copy_into(model, expand_aliases(training, controller.weights.aliases))
         return model
 
     @staticmethod

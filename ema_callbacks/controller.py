@@ -310,6 +310,7 @@ class EMAController:
         self.snapshot_keep = snapshot_keep
         self.snapshot_state = ScheduleState()
         self._pending_training: dict[str, torch.Tensor] | None = None
+        self._loaded_aliases: dict[str, str] = {}
         self._final_swap = False
         self._active: EMAProfile | None = None
 
@@ -506,6 +507,14 @@ class EMAController:
         """``'ema'`` while EMA weights (of any profile) are in the model, ``'training'``
         otherwise."""
         return "ema" if self.active_profile is not None else "training"
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``{other name: tracked name}`` of the model's tied tensors (every profile tracks the
+        same tensors); before the shadows exist, those of the last loaded state."""
+        if self.weights is not None:
+            return self.weights.aliases
+        return dict(self._loaded_aliases)
 
     @property
     def active_profile(self) -> str | None:
@@ -770,7 +779,9 @@ class EMAController:
     def state_dict(self, training: bool | None = None) -> dict[str, Any]:
         """Versioned and name-keyed: ``{format, version, config, schedule, shadow,
         weights_active}`` for the primary profile, ``profiles`` (``{name: {schedule, shadow}}``)
-        for the others, ``snapshot`` (the post-hoc snapshot clock), plus ``training`` (the
+        for the others, ``snapshot`` (the post-hoc snapshot clock), ``aliases`` (``{other
+        name: tracked name}`` for tied tensors, which are stored once; absent when there are
+        none), plus ``training`` (the
         training weights) when ``training`` is True, or when it is None and an EMA is swapped
         in (then the model holds an EMA, so a checkpoint of the model alone would lose the
         training weights).
@@ -792,6 +803,9 @@ class EMAController:
             }
         if self.snapshot_schedule is not None:
             state["snapshot"] = self.snapshot_state.to_dict()
+        aliases = self.aliases
+        if aliases:
+            state["aliases"] = aliases
         if training is None:
             training = self.weights_active == "ema"
         if training and self.weights is not None:
@@ -869,6 +883,7 @@ class EMAController:
         items: list[tuple[EMAProfile, Mapping[str, Any]]] = [(self.primary, state)]
         items += [(self.profile(name), extra[name]) for name in self.names[1:] if name in extra]
         training = state.get("training")
+        self._loaded_aliases = {str(k): str(v) for k, v in dict(state.get("aliases") or {}).items()}
         was = self.active_profile
         self._swap_out_all()
         for p, saved in items:

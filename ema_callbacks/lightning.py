@@ -782,7 +782,8 @@ class EMACallback(_CallbackBase):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Put the EMA (or training) weights in ``checkpoint['state_dict']`` and say which.
+        """Put the EMA (or training) weights in ``checkpoint['state_dict']`` and say which,
+        under every name the module has for them (tied weights included).
 
         The tensors are the ones already in the callback state, so ``torch.save`` stores them
         once."""
@@ -794,9 +795,13 @@ class EMACallback(_CallbackBase):
             state["shadow"] if holds == "ema" else state.get("training")
         )
         if source:
+            # Tied tensors (``head.weight = emb.weight``) are stored once, under their first
+            # name: every other name of theirs gets the same tensor.
+            aliases = state.get("aliases") or {}
             checkpoint["state_dict"] = {
-                key: source.get(normalize_name(key), value)
+                key: source.get(aliases.get(name, name), value)
                 for key, value in checkpoint["state_dict"].items()
+                for name in (normalize_name(key),)
             }
         checkpoint[CHECKPOINT_KEY] = {"state_dict_holds": holds, "callback": self.state_key}
         if len(self.controller.profiles) > 1:

@@ -46,6 +46,7 @@ __all__ = [
     "BUFFER_POLICIES",
     "EMAWeights",
     "NonFiniteWeightsError",
+    "expand_aliases",
     "lerp_",
     "normalize_name",
     "unwrap_model",
@@ -336,6 +337,11 @@ class EMAWeights:
         self.shadow: dict[str, torch.Tensor] = {}
         self._average: dict[str, bool] = {}
         self._entries: list[_Entry] = []
+        # Tied/shared tensors: every other name a tracked tensor has in the bound model,
+        # normalised (-> the shadow key) and as the model spells it (-> the shadow key). Only
+        # read when tensors are written out; the update never looks at them.
+        self._aliases: dict[str, str] = {}
+        self._alias_model_names: dict[str, str] = {}
         self._groups: list[_Group] = []
         self._mixed: list[_Group] = []
         self._copies: list[_Group] = []
@@ -431,6 +437,38 @@ class EMAWeights:
         return entries
 
     @staticmethod
+    def _find_aliases(
+        model: nn.Module, entries: list[_Entry]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The other names of the tracked tensors (tied weights such as ``head.weight =
+        emb.weight``, a module registered twice): ``({normalised alias: shadow key},
+        {alias as the model spells it: shadow key})``. A tensor is tracked under its first name
+        (the first in ``named_modules`` order) and selected by that name."""
+        by_id: dict[int, _Entry] = {}
+        for e in entries:
+            live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
+            by_id[id(live)] = e
+        aliases: dict[str, str] = {}
+        model_names: dict[str, str] = {}
+        for module_name, module in unwrap_model(model).named_modules(remove_duplicate=False):
+            found = [(a, t) for a, t in module._parameters.items() if t is not None]
+            found += [
+                (a, t)
+                for a, t in module._buffers.items()
+                if t is not None and a not in module._non_persistent_buffers_set
+            ]
+            for attr, t in found:
+                tracked = by_id.get(id(t))
+                full = f"{module_name}.{attr}" if module_name else attr
+                if tracked is None or full == tracked.model_name:
+                    continue
+                model_names[full] = tracked.name
+                name = normalize_name(full)
+                if name != tracked.name:
+                    aliases[name] = tracked.name
+        return dict(sorted(aliases.items())), model_names
+
+    @staticmethod
     def _source_of(e: _Entry) -> torch.Tensor:
         t = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
         assert t is not None
@@ -472,6 +510,7 @@ class EMAWeights:
                     f"{tuple(sh.shape)} in the EMA"
                 )
         self._entries = entries
+        self._aliases, self._alias_model_names = self._find_aliases(model, entries)
         self._bound = model
         self._fsdp2 = _fsdp2_modules(unwrap_model(model))
         self._dtensor_specs = {}
@@ -525,6 +564,21 @@ class EMAWeights:
     def names(self) -> list[str]:
         """The tracked names, sorted."""
         return sorted(self.shadow)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``{other name: tracked name}`` for tensors the model holds under several names
+        (tied weights): one shadow each, written out under every name (``state_dict(
+        aliases=True)``, checkpoints, exports). Empty for a model without shared tensors.
+
+        >>> emb = torch.nn.Embedding(4, 2)
+        >>> model = torch.nn.ModuleDict({'emb': emb, 'head': torch.nn.Linear(2, 4, bias=False)})
+        >>> model['head'].weight = emb.weight
+        >>> w = EMAWeights(model)
+        >>> w.names, w.aliases
+        (['emb.weight'], {'head.weight': 'emb.weight'})
+        """
+        return dict(self._aliases)
 
     @property
     def nbytes(self) -> int:
@@ -815,6 +869,7 @@ class EMAWeights:
         if self._swapped:
             self.swap_out()
         self._reshard()
+        state = self._canonical(state)
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if missing or unexpected:
@@ -828,7 +883,8 @@ class EMAWeights:
 
     def tensors_for(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The shadow keyed by ``model``'s own names, in the model's dtypes (for
-        ``torch.func.functional_call``). Shares storage where dtypes match."""
+        ``torch.func.functional_call``). Shares storage where dtypes match. A tied tensor is
+        under each of its names (the same tensor)."""
         self._check_bound(model)
         self._reshard()
         self.synchronize()
@@ -841,6 +897,9 @@ class EMAWeights:
                 if (sh.dtype == live.dtype and sh.device == live.device)
                 else sh.to(live.device, live.dtype)
             )
+        by_name = {e.name: e.model_name for e in self._entries}
+        for alias, name in self._alias_model_names.items():
+            out[alias] = out[by_name[name]]
         return out
 
     def functional_call(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -859,10 +918,26 @@ class EMAWeights:
 
     # -- state ----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: shadow tensor}`` (the live tensors; clone before mutating)."""
+    def state_dict(self, aliases: bool = False) -> dict[str, torch.Tensor]:
+        """``{name: shadow tensor}`` (the live tensors; clone before mutating). With
+        ``aliases``, a tied tensor is also under each of its other names (the same tensor
+        object; :func:`expand_aliases`), so the result loads into the model with
+        ``load_state_dict`` under every name it has."""
         self.synchronize()
-        return {name: self.shadow[name] for name in self.names}
+        out = {name: self.shadow[name] for name in self.names}
+        return expand_aliases(out, self._aliases) if aliases else out
+
+    def _canonical(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``state`` keyed by tracked names only: an alias's value stands for its tracked
+        name when that is absent, and is dropped otherwise (it is the same tensor)."""
+        if not self._aliases or not any(k in self._aliases for k in state):
+            return state
+        out = {k: v for k, v in state.items() if k not in self._aliases}
+        for key, value in state.items():
+            target = self._aliases.get(key)
+            if target is not None and target not in out:
+                out[target] = value
+        return out
 
     @property
     def is_sharded(self) -> bool:
@@ -946,6 +1021,7 @@ class EMAWeights:
         if self._swapped:
             raise RuntimeError("cannot load while the EMA weights are swapped in")
         self.synchronize()
+        state = self._canonical(state)
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if strict and (missing or unexpected):
@@ -962,6 +1038,25 @@ class EMAWeights:
                     f"EMA state for {name!r} has shape {tuple(value.shape)}; expected {tuple(target.shape)}"
                 )
             target.copy_(local)
+
+
+def expand_aliases(
+    tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` plus, for every ``{alias: name}`` whose ``name`` is there, the same tensor
+    under ``alias``: a tied tensor under every name the model has for it. Files that refuse
+    shared memory (safetensors) need a ``.clone()`` per alias.
+
+    >>> t = torch.ones(2)
+    >>> out = expand_aliases({'emb.weight': t}, {'head.weight': 'emb.weight', 'x': 'missing'})
+    >>> sorted(out), out['head.weight'] is t
+    (['emb.weight', 'head.weight'], True)
+    """
+    out = dict(tensors)
+    for alias, name in aliases.items():
+        if name in tensors and alias not in out:
+            out[alias] = tensors[name]
+    return out
 
 
 @torch.no_grad()
