@@ -200,26 +200,49 @@ def _export(args: argparse.Namespace) -> int:
     from ema_callbacks.export import export_ema
 
     summary = export_ema(
-        args.checkpoint, args.output, dtype=args.dtype, name=args.name, profile=args.profile
+        args.checkpoint,
+        args.output if args.output is not None else _default_export_output(args.format),
+        dtype=args.dtype,
+        name=args.name,
+        profile=args.profile,
+        strip_prefix=args.strip_prefix,
+        format=args.format,
+        force=args.force,
     )
-    print(
-        f"wrote {summary['tensors']} tensors ({summary['ema_tensors']} from the EMA) from a "
-        f"{summary['kind']} checkpoint to {summary['output']}"
-    )
+    for key, value in summary.items():
+        print(f"{key}: {value}")
     return 0
 
 
-def _posthoc(args: argparse.Namespace) -> int:
-    from ema_callbacks.posthoc import posthoc_command
+def _default_export_output(format: str) -> str:
+    return "ema_model" if format == "hf" else "ema.safetensors"
 
-    summary = posthoc_command(
-        args.inputs,
-        args.output,
-        sigma_rel=args.sigma_rel,
-        half_life=args.half_life,
-        at=args.at,
-        dtype=args.dtype,
-    )
+
+def _posthoc(args: argparse.Namespace) -> int:
+    import warnings
+
+    from ema_callbacks.posthoc import _gamma, posthoc_command
+
+    if args.sigma_rel is not None:
+        _gamma(args.sigma_rel, "--sigma-rel")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            summary = posthoc_command(
+                args.inputs,
+                args.output,
+                sigma_rel=args.sigma_rel,
+                half_life=args.half_life,
+                at=args.at,
+                dtype=args.dtype,
+                progress=True,
+            )
+        finally:
+            for w in caught:  # worded for the command line, not Python's warning format
+                print(
+                    f"ema-callbacks posthoc: warning: {' '.join(str(w.message).split())}",
+                    file=sys.stderr,
+                )
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
@@ -287,17 +310,51 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     export = sub.add_parser(
-        "export", parents=[common], help="write a checkpoint's EMA weights as safetensors"
+        "export",
+        parents=[common],
+        help="write a checkpoint's EMA weights as safetensors or a save_pretrained folder",
+        description=(
+            "Write the EMA weights of a checkpoint as a plain safetensors state dict (keys: the "
+            "model's names without wrapper prefixes such as DDP's or Composer's 'module.'), or "
+            "with --format hf a transformers save_pretrained folder. Never writes over an input."
+        ),
     )
     export.add_argument(
-        "checkpoint", help="Composer .pt, Lightning .ckpt, transformers checkpoint-N/"
+        "checkpoint",
+        help="Composer .pt, Lightning .ckpt, transformers checkpoint-N/ folder, or a saved EMA state",
     )
-    export.add_argument("-o", "--output", default="ema.safetensors")
+    export.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="the file to write (default ema.safetensors), or the folder with --format hf "
+        "(default ema_model)",
+    )
+    export.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        default="safetensors",
+        help="safetensors: one state-dict file; hf: a save_pretrained folder (from a "
+        "transformers checkpoint folder) for from_pretrained and push_to_hub",
+    )
+    export.add_argument(
+        "--strip-prefix",
+        action="append",
+        metavar="PREFIX",
+        help="keep the tensors under PREFIX (e.g. 'model.', the module inside a "
+        "LightningModule), renamed without it; repeatable",
+    )
     export.add_argument("--dtype", help="cast floating tensors, e.g. float16 or bfloat16")
-    export.add_argument("--name", help="which EMA, if a checkpoint holds several")
+    export.add_argument("--name", help="which EMA, if a checkpoint folder holds several")
     export.add_argument(
         "--profile",
         help="which of several EMAs tracked together (e.g. ema_1000ba; default the primary one)",
+    )
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a new file inside the input checkpoint folder, or replacing the model files "
+        "of an existing --format hf folder (an input file is never written over)",
     )
     export.set_defaults(func=_export)
 
@@ -311,15 +368,35 @@ def _parser() -> argparse.ArgumentParser:
     hl.set_defaults(func=_halflife)
 
     ph = sub.add_parser(
-        "posthoc", parents=[common], help="reconstruct an EMA from post-hoc snapshots (EDM2)"
+        "posthoc",
+        parents=[common],
+        help="reconstruct an EMA from post-hoc snapshots (EDM2)",
+        description=(
+            "Reconstruct a power-function EMA (--sigma-rel) or an exponential EMA (--half-life) "
+            "from post-hoc EMA snapshots and write it as a safetensors state dict. Never writes "
+            "over an input."
+        ),
     )
-    ph.add_argument("inputs", nargs="+", help="snapshot files or folders")
-    ph.add_argument("-o", "--output", default="posthoc_ema.safetensors")
+    ph.add_argument("inputs", nargs="+", help="snapshot files or folders (searched recursively)")
+    ph.add_argument(
+        "-o", "--output", default="posthoc_ema.safetensors", help="the safetensors file to write"
+    )
     target = ph.add_mutually_exclusive_group(required=True)
-    target.add_argument("--sigma-rel", type=float)
-    target.add_argument("--half-life")
+    target.add_argument(
+        "--sigma-rel",
+        type=float,
+        help="relative width of the power-function EMA to reconstruct, between 0 and 0.2887",
+    )
+    target.add_argument(
+        "--half-life", help="half-life of an exponential EMA, in the snapshots' unit (e.g. 2000ba)"
+    )
     ph.add_argument("--at", help="snapshot time to reconstruct at (default: the latest)")
-    ph.add_argument("--dtype", default="float32")
+    ph.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float16", "bfloat16", "float32", "float64"],
+        help="storage dtype of the averaged tensors",
+    )
     ph.set_defaults(func=_posthoc)
 
     sw = sub.add_parser(

@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ema_callbacks.files import atomic_write
+from ema_callbacks.files import FileProblem, write_safetensors
 from ema_callbacks.schedule import sigma_rel_to_gamma
 from ema_callbacks.time_strings import Time, TimeUnit
 
@@ -93,7 +93,13 @@ def _gamma(sigma_rel: Any, name: str) -> float:
         raise ValueError(
             f"{name} must be between 0 and {_SIGMA_REL_LIMIT:.4f} (exclusive); got {sigma_rel!r}"
         )
-    return sigma_rel_to_gamma(float(sigma_rel))
+    try:
+        return sigma_rel_to_gamma(float(sigma_rel))
+    except (OverflowError, ZeroDivisionError) as err:
+        raise ValueError(
+            f"{name} is too small to compute its power-function exponent (about "
+            f"sigma_rel**-2); got {sigma_rel!r}"
+        ) from err
 
 
 def _positive_time(value: Any, name: str) -> float:
@@ -362,15 +368,33 @@ class Snapshot:
     gamma: float
     buffers: tuple[str, ...] = field(default=())
     version: int = _VERSION
+    aliases: tuple[tuple[str, str], ...] = field(default=())
 
     def tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Load the tensors (safetensors, never pickle) onto ``device``."""
-        return load_file(str(self.path), device=str(device))
+        """Load the tensors (safetensors, never pickle) onto ``device``; a tied tensor is stored
+        once (see ``aliases``)."""
+        try:
+            return load_file(str(self.path), device=str(device))
+        except Exception as err:
+            raise _damaged(self.path, err) from err
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor names and shapes, read from the header without loading the tensors."""
-        with safe_open(str(self.path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except Exception as err:
+            raise _damaged(self.path, err) from err
+
+
+def _damaged(path: Path, err: BaseException) -> FileProblem:
+    if isinstance(err, FileProblem):
+        return err
+    if path.is_file() and path.stat().st_size == 0:
+        return FileProblem(f"{path}: empty file (0 bytes), not a safetensors snapshot")
+    return FileProblem(
+        f"{path}: damaged or truncated safetensors file ({' '.join(str(err).split())[:120]})"
+    )
 
 
 def _storage_dtype(dtype: Any) -> torch.dtype | None:
@@ -387,8 +411,9 @@ def _storage_dtype(dtype: Any) -> torch.dtype | None:
 def _atomic_save(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
-    """Write a safetensors file atomically (:func:`ema_callbacks.files.atomic_write`)."""
-    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
+    """Write a safetensors file atomically, every tied name as its own copy
+    (:func:`ema_callbacks.files.write_safetensors`)."""
+    write_safetensors(path, tensors, metadata)
 
 
 def _time_and_unit(time: Any, unit: str | None, name: str) -> tuple[float, str]:
@@ -416,6 +441,7 @@ def save_snapshot(
     sigma_rel: float,
     dtype: str | torch.dtype | None = "float16",
     buffers: Mapping[str, torch.Tensor] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a post-hoc EMA snapshot: a safetensors file with string metadata.
 
@@ -426,8 +452,10 @@ def save_snapshot(
     statistics, frozen weights) and are stored as they are, as are integer tensors in
     ``tensors``: a reconstruction copies them from its latest snapshot. The metadata is
     ``format='ema_callbacks.posthoc'``, ``version``, ``time``, ``unit``, ``sigma_rel``, ``gamma``
-    and ``buffers`` (a JSON list). The write is atomic (temporary file, then ``os.replace``).
-    Returns the path.
+    and ``buffers`` (a JSON list). ``aliases`` (``{other name: stored name}``, tied tensors
+    such as ``head.weight = emb.weight``) are kept in the metadata (``aliases``, a JSON object):
+    the tensor is stored once and a reconstruction writes it under every name. The write is
+    atomic (temporary file, then ``os.replace``), with the umask's mode. Returns the path.
 
     >>> import tempfile, torch
     >>> p = save_snapshot(tempfile.mkdtemp() + '/ema.safetensors', {'w': torch.ones(3)},
@@ -474,6 +502,7 @@ def save_snapshot(
             out[name] = converted.contiguous()
     if not out:
         raise ValueError("tensors must not be empty")
+    tied = _check_aliases(aliases, out)
     metadata = {
         "format": FORMAT,
         "version": str(_VERSION),
@@ -483,13 +512,35 @@ def save_snapshot(
         "gamma": repr(gamma),
         "buffers": json.dumps(sorted(kept)),
     }
+    if tied:
+        metadata["aliases"] = json.dumps(tied, sort_keys=True)
     _atomic_save(target, out, metadata)
     return target
 
 
+def _check_aliases(aliases: Any, stored: Mapping[str, Any]) -> dict[str, str]:
+    if aliases is None:
+        return {}
+    if not isinstance(aliases, Mapping):
+        raise TypeError(f"aliases must be a mapping of names to names; got {aliases!r}")
+    out: dict[str, str] = {}
+    for alias, name in aliases.items():
+        if not isinstance(alias, str) or not isinstance(name, str):
+            raise TypeError(f"aliases must map names (str) to names (str); got {alias!r}: {name!r}")
+        if name not in stored:
+            raise ValueError(f"aliases: {alias!r} names {name!r}, which is not among the tensors")
+        if alias in stored:
+            raise ValueError(f"aliases: {alias!r} is also a stored tensor")
+        out[alias] = name
+    return out
+
+
 def _read_metadata(path: Path) -> dict[str, str] | None:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+    except Exception as err:
+        raise _damaged(path, err) from err
     return dict(meta) if meta else None
 
 
@@ -501,19 +552,21 @@ def _snapshot_from(path: Path, meta: Mapping[str, str]) -> Snapshot:
         unit = TimeUnit(meta["unit"]).value
         gamma = float(meta["gamma"]) if "gamma" in meta else sigma_rel_to_gamma(sigma_rel)
         buffers = tuple(json.loads(meta.get("buffers", "[]")))
-    except (KeyError, ValueError, TypeError) as err:
-        raise ValueError(f"{path}: broken post-hoc EMA snapshot metadata ({err!r})") from err
+        aliases = tuple(sorted(dict(json.loads(meta.get("aliases", "{}"))).items()))
+    except (KeyError, ValueError, TypeError, RecursionError) as err:
+        raise FileProblem(f"{path}: broken post-hoc EMA snapshot metadata ({err!r})") from err
     if version > _VERSION:
         raise ValueError(
             f"{path}: snapshot version {version} is newer than this ema_callbacks "
             f"(reads up to {_VERSION}); upgrade ema_callbacks"
         )
-    return Snapshot(path, time, unit, sigma_rel, gamma, buffers, version)
+    return Snapshot(path, time, unit, sigma_rel, gamma, buffers, version, aliases)
 
 
 def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
-    """Read a snapshot's metadata (not its tensors). Raises ``ValueError`` for a safetensors
-    file that is not a post-hoc EMA snapshot.
+    """Read a snapshot's metadata (not its tensors). Raises
+    :class:`~ema_callbacks.files.FileProblem` (a ``ValueError``) for a file that is not a
+    post-hoc EMA snapshot or is damaged.
 
     >>> import tempfile, torch
     >>> from safetensors.torch import save_file
@@ -522,14 +575,14 @@ def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     >>> load_snapshot(other)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: ... is not a post-hoc EMA snapshot (metadata format=None, expected 'ema_callbacks.posthoc')
+    ema_callbacks.files.FileProblem: ... is not a post-hoc EMA snapshot (metadata format=None, expected 'ema_callbacks.posthoc')
     """
     target = Path(path)
     if not target.is_file():
         raise FileNotFoundError(f"no snapshot file at {str(target)!r}")
     meta = _read_metadata(target) or {}
     if meta.get("format") != FORMAT:
-        raise ValueError(
+        raise FileProblem(
             f"{target} is not a post-hoc EMA snapshot (metadata format={meta.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
@@ -570,8 +623,8 @@ def find_snapshots(
                     continue
                 try:
                     meta = _read_metadata(file) or {}
-                except Exception as err:  # not a readable safetensors file
-                    warnings.warn(f"skipping {file}: not a safetensors file ({err})", stacklevel=2)
+                except FileProblem as err:  # not a readable safetensors file
+                    warnings.warn(f"skipping {err}", stacklevel=2)
                     continue
                 if meta.get("format") == FORMAT:
                     found[file.resolve()] = _snapshot_from(file, meta)
@@ -672,9 +725,40 @@ def _check_consistent(used: list[Snapshot]) -> None:
                 )
 
 
-def _stream(used: list[Snapshot], coefficients: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr when asked for, tqdm is installed, stderr is a terminal and there
+    are enough files to wait for; None otherwise."""
+    if not enabled or total < 4:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="snapshots", unit="file", disable=None, leave=False)
+
+
+def _stream(
+    used: list[Snapshot], coefficients: torch.Tensor, progress: bool = False
+) -> list[dict[str, torch.Tensor]]:
     """``out_j = sum_i X[i, j] snapshot_i`` in float32, loading one snapshot at a time; buffers
-    from the latest snapshot."""
+    from the latest snapshot; a tied tensor under each of its names (the same tensor)."""
+    bar = _progress_bar(len(used), progress)
+    try:
+        outs = _accumulate(used, coefficients, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    aliases = dict(used[-1].aliases)
+    for out in outs:
+        for alias, name in aliases.items():
+            if name in out and alias not in out:
+                out[alias] = out[name]
+    return outs
+
+
+def _accumulate(
+    used: list[Snapshot], coefficients: torch.Tensor, bar: Any
+) -> list[dict[str, torch.Tensor]]:
     reference = used[-1]
     averaged = [k for k in reference.shapes() if k not in set(reference.buffers)]
     n_out = coefficients.shape[1]
@@ -694,6 +778,8 @@ def _stream(used: list[Snapshot], coefficients: torch.Tensor) -> list[dict[str, 
                 for name in reference.buffers:
                     outs[j][name] = tensors[name].clone()
         del tensors
+        if bar is not None:
+            bar.update(1)
     return outs
 
 
@@ -835,13 +921,17 @@ def posthoc_command(
     half_life: str | None = None,
     at: str | None = None,
     dtype: str = "float32",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """``ema-callbacks posthoc``: reconstruct one EMA and write it as a plain safetensors state
     dict (float32 by default), loadable with ``model.load_state_dict(..., strict=True)`` when
     the snapshots hold every tensor of the model. Buffers (tensors that are not averaged) come
     from the latest snapshot used. ``inputs``: snapshot files or folders. Returns a summary,
     with ``fit_error`` the relative distance between the requested and the reconstructed
-    response (0 = exact).
+    response (0 = exact). Keys are the EMA's names (the model's names without wrapper prefixes),
+    the same ``ema-callbacks export`` writes for the run, every name of a tied tensor included.
+    ``output`` may not be one of the snapshots (nor any file in an input folder other than an
+    earlier result). ``progress`` shows a bar on a terminal when many files are read.
 
     >>> import tempfile, torch
     >>> d = tempfile.mkdtemp()
@@ -864,7 +954,8 @@ def posthoc_command(
     storage = _storage_dtype(dtype)
     _one_target(sigma_rel, half_life)
     plan = _plan(inputs, None if sigma_rel is None else [sigma_rel], half_life, at)
-    state = _stream(plan.used, plan.coefficients)[0]
+    _check_output(output, inputs, plan.used)
+    state = _stream(plan.used, plan.coefficients, progress)[0]
     buffers = set(plan.used[-1].buffers)
     if storage is not None:
         state = {
@@ -895,3 +986,21 @@ def posthoc_command(
         "tensors": len(state),
         "fit_error": fit_error,
     }
+
+
+def _is_result(path: Path) -> bool:
+    """An earlier ``posthoc`` result (which a new one may replace)."""
+    try:
+        return (_read_metadata(path) or {}).get("format") == RESULT_FORMAT
+    except FileProblem:
+        return False
+
+
+def _check_output(output: Any, inputs: Sequence[Any], used: Sequence[Snapshot]) -> None:
+    """Refuse an output that is an input: a snapshot, a file named as input, or a file in an
+    input folder that is not an earlier post-hoc result."""
+    from ema_callbacks.export import check_output
+
+    files = [Path(p) for p in inputs if not Path(p).is_dir()] + [s.path for s in used]
+    folders = [Path(p) for p in inputs if Path(p).is_dir()]
+    check_output(output, files, folders, force=True, replaceable=_is_result)

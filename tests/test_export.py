@@ -148,16 +148,19 @@ def test_refuses_checkpoints_that_need_pickled_code(tmp_path: Path) -> None:
     assert not (tmp_path / "out.safetensors").exists()
     with open(tmp_path / "raw.pkl", "wb") as f:
         pickle.dump({"x": _Payload(str(marker))}, f)
-    assert main(["export", str(tmp_path / "raw.pkl"), "-o", str(tmp_path / "o.safetensors")]) == 2
+    # a file that would need pickled code is a bad input file: exit 1 (the CLI error contract)
+    assert main(["export", str(tmp_path / "raw.pkl"), "-o", str(tmp_path / "o.safetensors")]) == 1
     assert not marker.exists()
 
 
 def test_unknown_and_missing_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    assert main(["export", str(tmp_path / "other.pt")]) == 2
+    # an existing file or folder of the wrong kind is a bad input file (exit 1); a path that
+    # does not exist is bad usage (exit 2)
+    assert main(["export", str(tmp_path / "other.pt")]) == 1
     assert "not a checkpoint this command knows" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing.ckpt")]) == 2
     assert "no such file" in capsys.readouterr().err
     os.makedirs(tmp_path / "empty")
-    assert main(["export", str(tmp_path / "empty")]) == 2
-    assert "no ema_callbacks EMA state" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "empty")]) == 1
+    assert "no *_state.json written by ema_callbacks" in capsys.readouterr().err

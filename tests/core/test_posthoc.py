@@ -370,7 +370,7 @@ def test_snapshot_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(posthoc, "save_file", crashing_save)
+    monkeypatch.setattr("safetensors.torch.save_file", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         save_snapshot(final, {"w": torch.zeros(1000)}, time=20, sigma_rel=0.1)
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
