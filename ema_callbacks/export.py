@@ -580,6 +580,8 @@ def check_output(
     allowed (it cannot destroy anything); an existing file there never is, unless
     ``replaceable(path)`` says it is an earlier result of ours."""
     out = Path(output).resolve()
+    if out.is_dir():
+        return  # not a file to write: the writer says so
     for item in inputs:
         same = out == item.resolve()
         if not same and out.exists() and item.exists():

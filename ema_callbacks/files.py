@@ -186,6 +186,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
         raise FileProblem(f"{path}: is a folder; give a file name to write")
     folder = os.path.dirname(path) or "."
     created = _missing_folders(folder)
+    existing = os.path.dirname(created[-1]) if created else folder
+    if existing and not os.path.isdir(existing):
+        raise FileProblem(
+            f"{path}: cannot write: a part of the path is a file, not a folder ({existing})"
+        )
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)

@@ -409,7 +409,7 @@ def _storage_dtype(dtype: Any) -> torch.dtype | None:
 
 
 def _atomic_save(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
     """Write a safetensors file atomically, every tied name as its own copy
     (:func:`ema_callbacks.files.write_safetensors`)."""
@@ -977,7 +977,7 @@ def posthoc_command(
         "fit_error": repr(fit_error),
     }
     path = Path(output)
-    _atomic_save(path, {k: v.contiguous() for k, v in state.items()}, metadata)
+    _atomic_save(output, state, metadata)  # the path as given: 'folder/' is refused
     return {
         "output": str(path),
         "time": at_text,
