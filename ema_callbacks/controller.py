@@ -742,6 +742,7 @@ class EMAController:
                     sigma_rel=p.schedule.sigma_rel,
                     dtype=self.snapshot_dtype,
                     buffers=kept,
+                    aliases={a: n for a, n in p.weights.aliases.items() if n in tensors},
                 )
             )
         self.snapshot_schedule.commit(
