@@ -76,6 +76,30 @@ _SCRATCH_MIN = 2**16
 _STREAMED: weakref.WeakSet[EMAWeights] = weakref.WeakSet()
 _HOOK: list[Any] = []
 
+# Bumped whenever any module in the process registers a parameter or buffer (which includes
+# ``module.weight = nn.Parameter(...)`` and ``module.buf = tensor``): an EMA compares it with the
+# value at its last bind, so a replaced tensor costs one integer comparison per update to notice
+# (the identity of each tracked tensor is checked only after a bump).
+_GENERATION = [0]
+_REGISTRATION_HOOKS: list[Any] = []
+
+
+def _bump_generation(module: nn.Module, name: str, value: Any) -> None:
+    _GENERATION[0] += 1
+
+
+def _install_registration_hooks() -> None:
+    if _REGISTRATION_HOOKS:
+        return
+    from torch.nn.modules import module as module_hooks
+
+    _REGISTRATION_HOOKS.append(
+        module_hooks.register_module_parameter_registration_hook(_bump_generation)
+    )
+    _REGISTRATION_HOOKS.append(
+        module_hooks.register_module_buffer_registration_hook(_bump_generation)
+    )
+
 
 def _install_optimizer_hook() -> None:
     """Once per process: every ``torch.optim`` step first waits (on the GPU) for side-stream
@@ -252,8 +276,22 @@ class _Group:
         # DeepSpeed ZeRO-3: the source is the rank's partition (read anew each update: the
         # optimizer may re-point ``ds_tensor``), never the empty placeholder.
         self.zero3 = [_is_zero3(p) for p in self.params] if self.params is not None else []
+        # The tensors the model holds (parameters or buffers), and for plain ones the sources
+        # of every update cached here: the parameter objects themselves (read under no_grad),
+        # so a ``.data`` reassignment of the same shape is followed; their storage addresses
+        # detect one that is not (:meth:`EMAWeights._check_live`). FSDP2 (DTensor) and ZeRO-3
+        # sources are local views that the wrapper may re-point: they are read anew each time.
+        self.live: list[torch.Tensor] = [
+            e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]  # type: ignore[misc]
+            for e in entries
+        ]
+        dynamic = any(self.zero3) or any(_is_dtensor(t) for t in self.live)
+        self.cached: list[torch.Tensor] | None = None if dynamic else self.live
+        self.ptrs: list[int] = [] if dynamic else [t.data_ptr() for t in self.live]
 
     def sources(self) -> list[torch.Tensor]:
+        if self.cached is not None:
+            return self.cached
         if self.params is not None:
             return [
                 p.ds_tensor if z else _local(p.data)  # type: ignore[union-attr]
@@ -547,6 +585,69 @@ class EMAWeights:
         total = sum(t.numel() for t in self.shadow.values())
         self._scratch_numel = max(_SCRATCH_MIN, min(_SCRATCH_MAX, total // 32))
         self._scratch.clear()
+        # The evaluation swap, prepared once: parameters and buffers whose storage is exchanged
+        # (with an alias of the training storage to put back) and the entries copied instead.
+        self._live = {
+            e.name: t
+            for g in (*self._groups, *self._mixed, *self._copies)
+            for e, t in zip(g.entries, g.live, strict=True)
+        }
+        self._swap_params: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        self._swap_buffers: list[tuple[str, dict[str, Any], str, torch.Tensor]] = []
+        self._swap_copies: list[_Entry] = []
+        for e in entries:
+            if not self._swappable(e):
+                self._swap_copies.append(e)
+            elif e.is_param:
+                self._swap_params.append((e.name, self._live[e.name], self.shadow[e.name]))  # type: ignore[arg-type]
+            else:
+                self._swap_buffers.append((e.name, e.owner._buffers, e.attr, self.shadow[e.name]))
+        _install_registration_hooks()
+        self._generation = _GENERATION[0]
+
+    def _check_live(self) -> bool:
+        """Make sure the model still holds the tensors bound (cheap: one integer comparison,
+        and one storage-address read per cached source tensor).
+
+        A parameter or buffer replaced in its module (``m.weight = nn.Parameter(...)``), or a
+        ``.data`` reassigned to new storage, is followed: the EMA re-binds to the model's
+        current tensors. One with another shape than its shadow (replaced or resized) raises
+        ``ValueError`` naming the weight, before anything is averaged or swapped. Returns
+        whether it re-bound."""
+        changed = self._generation != _GENERATION[0] and any(
+            (e.owner._parameters if e.is_param else e.owner._buffers).get(e.attr)
+            is not self._live[e.name]
+            for e in self._entries
+        )
+        if not changed:
+            for group in (*self._groups, *self._mixed, *self._copies):
+                if group.cached is not None and (
+                    list(map(torch.Tensor.data_ptr, group.cached)) != group.ptrs
+                ):
+                    changed = True
+                    break
+        if not changed:
+            self._generation = _GENERATION[0]
+            return False
+        for e in self._entries:
+            now = (e.owner._parameters if e.is_param else e.owner._buffers).get(e.attr)
+            sh = self.shadow[e.name]
+            kind = "parameter" if e.is_param else "buffer"
+            if now is None:
+                raise ValueError(
+                    f"{kind} {e.model_name!r} was removed from the model during training (it is "
+                    "None now); the EMA tracks it: restore it, or build a new EMA"
+                )
+            shape = _local(now).shape if not _is_zero3(now) else now.ds_tensor.shape  # type: ignore[attr-defined]
+            if tuple(shape) != tuple(sh.shape):
+                raise ValueError(
+                    f"{kind} {e.model_name!r} was replaced or resized during training: the model "
+                    f"holds shape {tuple(shape)} but its EMA {tuple(sh.shape)}; an EMA cannot "
+                    "average tensors of different shapes: keep the shape (assign into "
+                    "`.data` with copy_), or build a new EMA for the new model"
+                )
+        self.bind(self._bound)  # type: ignore[arg-type]
+        return True
 
     def _reshard(self) -> None:
         """FSDP2 leaves a module's parameters unsharded after a forward that no backward
@@ -753,36 +854,36 @@ class EMAWeights:
         if self._swapped:
             return
         self._reshard()
+        self._check_live()  # never an old-shaped tensor into the model
+        # Swappable tensors: exchange storage, prepared at bind (a Python loop of one `.data`
+        # read and write per tensor, independent of the tensors' sizes).
+        held = self._held
+        for name, p, sh in self._swap_params:
+            held[name] = p.data
+            p.data = sh
+        for name, buffers, attr, sh in self._swap_buffers:
+            held[name] = buffers[attr]
+            buffers[attr] = sh
         copy_dst: list[torch.Tensor] = []
         copy_src: list[torch.Tensor] = []
         backups: list[torch.Tensor] = []
-        for e in self._entries:
+        for e in self._swap_copies:
             sh = self.shadow[e.name]
-            if self._swappable(e):
-                if e.is_param:
-                    p = e.owner._parameters[e.attr]
-                    assert p is not None
-                    self._held[e.name] = p.data
-                    p.data = sh
-                else:
-                    self._held[e.name] = e.owner._buffers[e.attr]  # type: ignore[assignment]
-                    e.owner._buffers[e.attr] = sh
-            else:
-                live = self._source_of(e)
-                backup = self._backup.get(e.name)
-                if backup is None or backup.shape != live.shape or backup.dtype != live.dtype:
-                    # Offloaded shadows keep the training weights' backup on their side too, so
-                    # an evaluation swap costs no extra accelerator memory.
-                    backup = torch.empty(
-                        live.shape,
-                        dtype=live.dtype,
-                        device=sh.device,
-                        pin_memory=sh.device.type == "cpu" and live.device.type == "cuda",
-                    )
-                    self._backup[e.name] = backup
-                copy_dst.append(live)
-                copy_src.append(sh)
-                backups.append(backup)
+            live = self._source_of(e)
+            backup = self._backup.get(e.name)
+            if backup is None or backup.shape != live.shape or backup.dtype != live.dtype:
+                # Offloaded shadows keep the training weights' backup on their side too, so
+                # an evaluation swap costs no extra accelerator memory.
+                backup = torch.empty(
+                    live.shape,
+                    dtype=live.dtype,
+                    device=sh.device,
+                    pin_memory=sh.device.type == "cpu" and live.device.type == "cuda",
+                )
+                self._backup[e.name] = backup
+            copy_dst.append(live)
+            copy_src.append(sh)
+            backups.append(backup)
         if copy_dst:
             torch._foreach_copy_(backups, copy_dst)
             torch._foreach_copy_(copy_dst, copy_src)
@@ -794,30 +895,15 @@ class EMAWeights:
         if not self._swapped:
             return
         self._reshard()
-        copy_dst: list[torch.Tensor] = []
-        copy_src: list[torch.Tensor] = []
-        for e in self._entries:
-            held = self._held.pop(e.name, None)
-            if held is not None:
-                if e.is_param:
-                    p = e.owner._parameters[e.attr]
-                    assert p is not None
-                    self.shadow[e.name] = p.data
-                    p.data = held
-                else:
-                    self.shadow[e.name] = e.owner._buffers[e.attr]  # type: ignore[assignment]
-                    e.owner._buffers[e.attr] = held
-            else:
-                copy_dst.append(self._source_of(e))
-                copy_src.append(self._backup[e.name])
+        held = self._held
+        for name, p, _ in self._swap_params:
+            p.data = held.pop(name)
+        for name, buffers, attr, _ in self._swap_buffers:
+            buffers[attr] = held.pop(name)
+        copy_dst = [self._source_of(e) for e in self._swap_copies]
         if copy_dst:
-            torch._foreach_copy_(copy_dst, copy_src)
+            torch._foreach_copy_(copy_dst, [self._backup[e.name] for e in self._swap_copies])
         self._swapped = False
-        self._refresh_group_shadows()
-
-    def _refresh_group_shadows(self) -> None:
-        for group in (*self._groups, *self._mixed, *self._copies):
-            group.shadows = [self.shadow[e.name] for e in group.entries]
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[None]:
@@ -847,6 +933,7 @@ class EMAWeights:
             raise RuntimeError("the EMA weights are swapped in; swap out before copy_to")
         self._check_bound(model)
         self._reshard()
+        self._check_live()
         dst = [self._source_of(e) for e in self._entries]
         src = [self.shadow[e.name] for e in self._entries]
         torch._foreach_copy_(dst, src)
@@ -1102,6 +1189,12 @@ def update_together_(
     lead = weights[0]
     for w in weights:
         w._check_bound(model if model is not None else lead._bound)
+    # Replaced or resized tensors: followed (re-bound) or refused naming the weight. The EMAs
+    # share the lead's source tensors, so the others need a look only if something changed.
+    rebound = lead._check_live()
+    for w in weights[1:]:
+        if rebound or w._generation != _GENERATION[0]:
+            w._check_live()
         if w._layout != lead._layout:
             raise ValueError(
                 "EMAs updated together must track the same tensors with the same options "
