@@ -11,8 +11,17 @@ Reads, detecting which:
 * a saved :meth:`ema_callbacks.EMA.state_dict`, a post-hoc reconstruction or snapshot.
 
 The output holds every tensor of the checkpoint's model, the EMA values wherever the EMA tracks
-one (frozen weights and untracked buffers keep the model's values), keyed as the model names
-them, so it loads into the bare model with ``load_state_dict(strict=True)``.
+one (frozen weights and untracked buffers keep the model's values), keyed by the EMA's names:
+the model's names without wrapper prefixes (DDP's and Composer's ``module.``, ``_orig_mod.``,
+FSDP's), the keys ``ema-callbacks posthoc`` writes too. Every name of a tied tensor is there
+(each its own copy: safetensors refuses shared memory). So it loads with
+``load_state_dict(strict=True)`` into the model a user deploys; ``strip_prefix`` selects a
+sub-module (``'model.'`` inside a LightningModule) and ``format='hf'`` writes a transformers
+``save_pretrained`` folder.
+
+Inputs are never written over: an output that is an input file, or lies in the input
+checkpoint folder, is refused. A damaged, empty or foreign input file raises
+:class:`~ema_callbacks.files.FileProblem` with one line naming it.
 
 Nothing pickled is ever executed: safetensors, JSON, or ``torch.load(weights_only=True)``, with
 only plain data types (NumPy arrays, ``timedelta``, torch's version string) allowed besides

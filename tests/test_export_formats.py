@@ -33,6 +33,7 @@ class Inner(nn.Module):
 
 
 def _lightning_module() -> Any:
+    pytest.importorskip("lightning.pytorch")
     from lightning.pytorch import LightningModule
 
     class Wrapped(LightningModule):
@@ -59,11 +60,11 @@ def _lightning_module() -> Any:
 def test_lightning_strip_prefix_gives_the_inner_module(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    module = _lightning_module()
     from lightning.pytorch import Trainer
 
     from ema_callbacks.lightning import EMACallback
 
-    module = _lightning_module()
     callback = EMACallback(half_life="2ba", final_weights="training")
     trainer = Trainer(
         max_steps=4,
@@ -118,6 +119,7 @@ class _Tokens(torch.utils.data.Dataset):
 
 
 def test_transformers_tied_gpt2_safetensors_and_hf_folder(tmp_path: Path) -> None:
+    pytest.importorskip("transformers.trainer")
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from ema_callbacks.transformers import EMATrainerCallback

@@ -165,6 +165,7 @@ def test_refuses_to_write_over_an_input(tmp_path: Path, capsys: pytest.CaptureFi
 def test_refuses_to_write_into_an_input_checkpoint_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    pytest.importorskip("transformers.trainer")
     from ema_callbacks.controller import EMAController
     from ema_callbacks.transformers import save_ema_state
 

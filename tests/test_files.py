@@ -109,3 +109,18 @@ def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
         atomic_write(tmp_path / "new" / "deeper" / "x.txt", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     assert (tmp_path / "keep.txt").read_text() == "old"
+
+
+def test_writing_without_numpy_says_so(tmp_path: Path) -> None:
+    script = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import torch\n"
+        "from ema_callbacks.files import write_safetensors\n"
+        "try:\n"
+        f"    write_safetensors({str(tmp_path / 'w.safetensors')!r}, {{'w': torch.ones(2)}})\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "needs numpy" in done.stdout and "pip install numpy" in done.stdout, done
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
