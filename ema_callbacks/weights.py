@@ -237,21 +237,21 @@ def _blend_(
     target."""
     copies: list[torch.Tensor] = []
     lerps: list[torch.Tensor] = []
-    ws: list[float] = []
+    weights: list[tuple[float, int]] = []  # (weight, tensors) per lerping target
     for shadows, w in targets:
         if w == 1.0:
             copies.extend(shadows)
         elif w != 0.0:
             lerps.extend(shadows)
-            ws.extend([w] * len(shadows))
+            weights.append((w, len(shadows)))
     if copies:
         torch._foreach_copy_(copies, sources * (len(copies) // len(sources)))
     if lerps:
         xs = sources * (len(lerps) // len(sources))
-        if all(w == ws[0] for w in ws):
-            torch._foreach_lerp_(lerps, xs, ws[0])
+        if all(w == weights[0][0] for w, _ in weights):  # per target, not per tensor
+            torch._foreach_lerp_(lerps, xs, weights[0][0])
         else:
-            torch._foreach_lerp_(lerps, xs, ws)
+            torch._foreach_lerp_(lerps, xs, [w for w, n in weights for _ in range(n)])
 
 
 @dataclass

@@ -1,0 +1,207 @@
+"""The public API's per-step cost (``EMA.step(model)``, the evaluation swap) against the floor and
+every peer, in one process and one run.
+
+    .venv-composer/bin/python benchmarks/bench_api.py --write docs/performance_api.md
+
+Models: 50 tensors of 1M float32; 300 tensors like a ResNet (100 of 64x64x3x3, 200 of 256);
+2,000 tensors of 4,096 float32; 2,000 bf16 tensors of 4,096 with a float32 shadow. Floor: a bare
+``torch._foreach_add_`` over the same tensors (float32 shadows; for the bf16 model, float32 copies
+of its weights: the float32 bytes). Rows are interleaved; each is the minimum over ``--repeats``
+of the median of ``--rounds`` calls. Peers run where installed (timm ``ModelEmaV3``,
+ema-pytorch, torch-ema, diffusers ``EMAModel``, Composer ``compute_ema``). Ratios, not timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+DECAY = 0.999
+SHAPES: dict[str, tuple[str, list[tuple[int, ...]], torch.dtype]] = {
+    "50x1M": ("50 tensors x 1M float32", [(1_000_000,)] * 50, torch.float32),
+    "resnet": (
+        "300 tensors, ResNet-like (100 x 64x64x3x3, 200 x 256)",
+        [(64, 64, 3, 3)] * 100 + [(256,)] * 200,
+        torch.float32,
+    ),
+    "2000x4096": ("2,000 tensors x 4,096 float32", [(4096,)] * 2000, torch.float32),
+    "bf16": ("2,000 tensors x 4,096 bf16, float32 shadow", [(4096,)] * 2000, torch.bfloat16),
+}
+
+
+def make_model(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.params = nn.ParameterList(  # type: ignore[assignment]
+        [nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    )
+    return model
+
+
+def rows(model: nn.Module) -> dict[str, Callable[[], Any]]:
+    from ema_callbacks import EMA
+
+    params = list(model.parameters())
+    floor_shadow = [p.detach().float().clone() for p in params]
+    floor_src = [p.detach().float().clone() for p in params]  # float32 bytes for bf16 too
+    ema = EMA(model, smoothing=DECAY)
+    ema.step(model)
+    out: dict[str, Callable[[], Any]] = {
+        "floor: torch._foreach_add_": lambda: torch._foreach_add_(floor_shadow, floor_src),
+        "**ema_callbacks EMA.step(model)**": lambda: ema.step(model),
+    }
+    weights = ema.controller.weights
+    assert weights is not None
+    out["ema_callbacks EMAWeights.update_"] = lambda: weights.update_(1 - DECAY)
+
+    def swap() -> None:
+        with ema.swapped(model):
+            pass
+
+    out["ema_callbacks swap in+out (EMA.swapped)"] = swap
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+
+        kw = {"dtype": torch.float32} if params[0].dtype != torch.float32 else {}
+        timm_ema = ModelEmaV3(model, decay=DECAY, **kw)
+        out["timm ModelEmaV3.update"] = lambda: timm_ema.update(model)
+    except ImportError:
+        pass
+    try:
+        from ema_pytorch import EMA as EmaPytorch
+
+        ep = EmaPytorch(
+            model,
+            beta=DECAY,
+            update_after_step=0,
+            update_every=1,
+            use_foreach=True,
+            include_online_model=False,
+        )
+        ep.update()
+        ep.update()
+        out["ema-pytorch EMA.update (own dtype)"] = ep.update
+    except ImportError:
+        pass
+    try:
+        from torch_ema import ExponentialMovingAverage
+
+        te = ExponentialMovingAverage(model.parameters(), decay=DECAY)
+        te.to(dtype=torch.float32)
+        out["torch-ema update (float32)"] = te.update
+    except ImportError:
+        pass
+    try:
+        from diffusers.training_utils import EMAModel
+
+        de = EMAModel(model.parameters(), decay=DECAY, foreach=True)
+        de.to(dtype=torch.float32)
+        out["diffusers EMAModel.step (float32)"] = lambda: de.step(model.parameters())
+    except ImportError:
+        pass
+    try:
+        from composer.algorithms.ema.ema import EMAParameters, compute_ema
+
+        cp = EMAParameters(model)
+        out["Composer compute_ema (own dtype)"] = lambda: compute_ema(model, cp, smoothing=DECAY)
+    except ImportError:
+        pass
+    return out
+
+
+def controller_us(rounds: int) -> float:
+    """The controller's own work per step with one EMA: ``EMA.step`` on a one-scalar model
+    minus the bare engine update of that model."""
+    from ema_callbacks import EMA
+
+    model = make_model([(1,)], torch.float32)
+    ema = EMA(model, smoothing=DECAY)
+    weights = ema.controller.weights
+    assert weights is not None
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            ema.step(model)
+        step = (time.perf_counter() - t0) / rounds
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            weights.update_(1 - DECAY)
+        engine = (time.perf_counter() - t0) / rounds
+        best = min(best, step - engine)
+    return best * 1e6
+
+
+def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        for k, ts in times.items():
+            best[k] = min(best[k], statistics.median(ts) * 1e3)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes")
+    parser.add_argument("--rounds", type=int, default=21, help="calls per median")
+    parser.add_argument("--repeats", type=int, default=3, help="medians; the minimum is kept")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--write", help="write the markdown report to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = [
+        "# Performance through the public API",
+        "",
+        "```bash",
+        ".venv-composer/bin/python benchmarks/bench_api.py " + " ".join(sys.argv[1:]),
+        "```",
+        "",
+        f"Run {datetime.date.today().isoformat()}: {platform.machine()}, torch "
+        f"{torch.__version__}, {args.threads} threads, Python {platform.python_version()}; "
+        f"min of {args.repeats} interleaved medians of {args.rounds} calls. "
+        "x floor: time / the floor's time (swap: / `EMA.step`'s time).",
+        "",
+    ]
+    for key in args.shapes.split(","):
+        label, shapes, dtype = SHAPES[key]
+        print(f"{key}: {label}", file=sys.stderr, flush=True)
+        model = make_model(shapes, dtype)
+        res = measure(rows(model), args.rounds, args.repeats)
+        floor = res["floor: torch._foreach_add_"]
+        step = res["**ema_callbacks EMA.step(model)**"]
+        lines += [f"## {label}", "", "| row | ms | x floor |", "|---|---:|---:|"]
+        for k, v in res.items():
+            ratio = (
+                f"{v / step:.2f}x an update" if k.endswith("(EMA.swapped)") else f"{v / floor:.2f}"
+            )
+            lines.append(f"| {k} | {v:.3g} | {ratio} |")
+        lines.append("")
+        del model
+    us = controller_us(max(args.rounds * 50, 500))
+    lines += [f"Controller's own work per step, one EMA: {us:.1f} us.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
