@@ -52,7 +52,8 @@ def rows(model: nn.Module) -> dict[str, Callable[[], Any]]:
 
     params = list(model.parameters())
     floor_shadow = [p.detach().float().clone() for p in params]
-    floor_src = [p.detach().float().clone() for p in params]  # float32 bytes for bf16 too
+    # the model's own tensors; for the bf16 model float32 copies of them (the float32 bytes)
+    floor_src = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
     ema = EMA(model, smoothing=DECAY)
     ema.step(model)
     out: dict[str, Callable[[], Any]] = {

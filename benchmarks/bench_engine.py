@@ -515,9 +515,29 @@ def report(results: list[dict[str, Any]], rounds: int, command: str, wall: float
         "",
         "K EMAs of one model updated together against K separate updates and K timm EMAs:",
         "[performance_profiles.md](performance_profiles.md) (`benchmarks/bench_profiles.py`).",
-        "",
+        *add_md_lines(),
     ]
     return "\n".join(lines)
+
+
+def add_md_lines() -> list[str]:
+    """The links to the public-API and transformers benchmarks (their own pages)."""
+    return [
+        "",
+        "## Through the public API",
+        "",
+        "`EMA.step(model)`, `EMAWeights.update_` and the evaluation swap on four model shapes "
+        "(50 x 1M,",
+        "ResNet-like 300 tensors, 2,000 x 4,096, and 2,000 bf16 tensors with a float32 shadow) "
+        "against",
+        "the floor and every peer, with the controller's own per-step work:",
+        "[performance_api.md](performance_api.md) "
+        "(`benchmarks/bench_api.py --write docs/performance_api.md`).",
+        "transformers: [performance_transformers.md](performance_transformers.md)",
+        "(`benchmarks/bench_transformers_overhead.py --write docs/performance_transformers.md`:",
+        "`EMATrainerCallback` vs no EMA and vs TRL's `BEMACallback`).",
+        "",
+    ]
 
 
 def main() -> None:

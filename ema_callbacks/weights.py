@@ -288,6 +288,8 @@ class _Group:
         dynamic = any(self.zero3) or any(_is_dtensor(t) for t in self.live)
         self.cached: list[torch.Tensor] | None = None if dynamic else self.live
         self.ptrs: list[int] = [] if dynamic else [t.data_ptr() for t in self.live]
+        # mixed-dtype staging batches (EMAWeights._plan_batches), planned at the first update
+        self.plan: list[tuple[int, int, list[torch.Tensor]]] | None = None
 
     def sources(self) -> list[torch.Tensor]:
         if self.cached is not None:
@@ -761,11 +763,17 @@ class EMAWeights:
         return buf
 
     def _mixed_lerp_(
-        self, sources: list[torch.Tensor], targets: list[tuple[list[torch.Tensor], float]]
+        self,
+        sources: list[torch.Tensor],
+        targets: list[tuple[list[torch.Tensor], float]],
+        group: _Group | None = None,
     ) -> None:
         """Shadows and sources differ in dtype or device: stage the sources through a bounded
         scratch in the shadows' dtype and device, then one foreach call per batch for every
-        target ``(shadows, weight)`` together (several EMAs read each staged batch once)."""
+        target ``(shadows, weight)`` together (several EMAs read each staged batch once).
+
+        With ``group`` (whose sources are cached at bind), the batches are planned once and
+        kept on it: contiguous ranges of tensors and their views into the scratch."""
         targets = [(shadows, w) for shadows, w in targets if w != 0.0]
         if not targets:
             return
@@ -778,6 +786,16 @@ class EMAWeights:
         def arrived() -> None:
             if offload:
                 torch.cuda.current_stream(sources[0].device).synchronize()
+
+        if group is not None and group.cached is sources:
+            if group.plan is None:
+                group.plan = self._plan_batches(sources, targets[0][0], scratch)
+            if group.plan:
+                for a, b, staged in group.plan:
+                    torch._foreach_copy_(staged, sources[a:b], non_blocking=True)
+                    arrived()
+                    _blend_([(sh[a:b], w) for sh, w in targets], staged)
+                return
 
         def apply(index: list[int], staged: list[torch.Tensor], part: slice | None) -> None:
             chosen = [
@@ -830,6 +848,29 @@ class EMAWeights:
             batch_x.append(scratch[used : used + n].view(sh.shape))
             used += n
         flush()
+
+    @staticmethod
+    def _plan_batches(
+        sources: list[torch.Tensor], shadows: list[torch.Tensor], scratch: torch.Tensor
+    ) -> list[tuple[int, int, list[torch.Tensor]]]:
+        """Consecutive ranges ``[a, b)`` of tensors that fit the scratch together, with their
+        staging views; empty (use the general path) unless every tensor is non-empty,
+        contiguous and fits the scratch alone."""
+        cap = scratch.numel()
+        plan: list[tuple[int, int, list[torch.Tensor]]] = []
+        start, used, views = 0, 0, []  # type: ignore[var-annotated]
+        for i, (src, sh) in enumerate(zip(sources, shadows, strict=True)):
+            n = sh.numel()
+            if n == 0 or n > cap or not (src.is_contiguous() and sh.is_contiguous()):
+                return []
+            if used + n > cap:
+                plan.append((start, i, views))
+                start, used, views = i, 0, []
+            views.append(scratch[used : used + n].view(sh.shape))
+            used += n
+        if views:
+            plan.append((start, len(sources), views))
+        return plan
 
     # -- swap -----------------------------------------------------------------------------
 
@@ -1217,6 +1258,7 @@ def update_together_(
             lead._mixed_lerp_(
                 group.sources(),
                 [(w._mixed[gi].shadows, f) for w, f in zip(weights, factors, strict=True)],
+                group,
             )
         for gi, group in enumerate(lead._copies):
             sources = group.sources()

@@ -124,3 +124,27 @@ def test_several_emas_follow_a_replaced_parameter_together() -> None:
     ema.step(model)
     assert torch.equal(ema.shadow_of("ema_0ba")["0.weight"], torch.full((2, 3), 4.0))
     assert torch.allclose(ema.shadow_of("ema_1ba")["0.weight"], (before + 4.0) / 2)
+
+
+def test_bf16_staging_plan_matches_a_reference_over_several_batches() -> None:
+    """The mixed-dtype update planned once at bind (several scratch batches) equals a float32
+    lerp of the bf16 weights, and follows a replaced bf16 parameter."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.params = nn.ParameterList(  # 40 x 4,096: three batches of the 64K-element scratch
+        [nn.Parameter(torch.randn(4096).bfloat16()) for _ in range(40)]
+    )
+    weights = EMAWeights(model)
+    reference = [p.detach().float().clone() for p in model.parameters()]
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        if step == 1:
+            model.params[7] = nn.Parameter(torch.full((4096,), 9.0, dtype=torch.bfloat16))
+        weights.update_(0.25)
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r.lerp_(p.detach().float(), 0.25)
+    assert len(weights._mixed[0].plan or []) == 3
+    for i, r in enumerate(reference):
+        assert torch.equal(weights.shadow[f"params.{i}"], r)
