@@ -529,6 +529,10 @@ class EMAWeights:
         Called at construction; call it again after the model's parameters were replaced
         (``fully_shard``, ``to_empty``, wrapping in a new module). Raises ``ValueError``
         listing the missing and unexpected names if ``model`` does not hold the same weights.
+        A tensor of the bound model replaced in place during training (``m.weight =
+        nn.Parameter(...)``, a buffer assigned anew, ``.data`` pointed at new storage) is
+        followed without a call: the next update, swap or copy re-binds; one whose shape no
+        longer matches its shadow (replaced or resized) raises ``ValueError`` naming it.
         """
         if self._swapped:
             raise RuntimeError("cannot rebind while the EMA weights are swapped in; swap out first")
