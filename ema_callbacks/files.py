@@ -34,8 +34,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = [
-    "STALE_AFTER_S",
     "FileProblem",
+    "STALE_AFTER_S",
     "atomic_write",
     "current_umask",
     "remove_stale_temporaries",
