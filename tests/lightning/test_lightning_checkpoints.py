@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch import callbacks
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ema_callbacks.lightning import CHECKPOINT_KEY, EMACallback
 from tests.lightning.lightning_helpers import StepRecorder, assert_close, fit, reference_ema, shadow
@@ -166,8 +167,12 @@ def test_model_checkpoint_monitoring_an_ema_metric(tmp_path: Path) -> None:
 # -- from Lightning's EMAWeightAveraging -------------------------------------------------
 
 
+@pytest.mark.skipif(
+    not hasattr(callbacks, "EMAWeightAveraging"),
+    reason="Lightning < 2.6 has no EMAWeightAveraging, so no such checkpoint to start from",
+)
 def test_start_from_a_lightning_ema_weight_averaging_checkpoint(tmp_path: Path) -> None:
-    theirs = EMAWeightAveraging(decay=0.8)
+    theirs = callbacks.EMAWeightAveraging(decay=0.8)
     _, model_theirs = fit([theirs, every_step(tmp_path)], max_steps=8, enable_checkpointing=True)
     reference = EMACallback(smoothing=0.8, final_weights="training")
     _, model_reference = fit([reference], max_steps=8)
