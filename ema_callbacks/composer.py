@@ -443,6 +443,9 @@ class EMA(Algorithm):  # type: ignore[misc]
             controller.fit_start(model, self._clock(state), hint=_CLOCK_HINT)
             if controller.snapshot_schedule is not None and self._snapshot_dir is None:
                 self._snapshot_dir = self._resolve_snapshot_dir(state)
+            if self._snapshot_dir is not None and dist.get_global_rank() == 0:
+                # After any checkpoint load: a resumed run may add to its own snapshots.
+                controller.check_snapshot_folder(self._snapshot_dir)
         elif event == Event.FIT_END:
             controller.fit_end(model)
         elif event == Event.INIT:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -89,6 +90,10 @@ _SCHEDULE_KEYS = (
     "rampup_ratio",
 )
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _snapshot_folder_option(
@@ -309,6 +314,11 @@ class EMAController:
         self.snapshot_dtype = snapshot_dtype
         self.snapshot_keep = snapshot_keep
         self.snapshot_state = ScheduleState()
+        # Which run wrote a snapshot (its metadata ``run``): ``snapshot_keep`` deletes only this
+        # run's files, and a folder holding another run's snapshots is refused. Saved in the
+        # state, so a resumed run is the same run.
+        self.snapshot_run: str | None = None if self.snapshot_schedule is None else _new_run_id()
+        self._snapshot_folders_checked: set[str] = set()
         self._pending_training: dict[str, torch.Tensor] | None = None
         self._loaded_aliases: dict[str, str] = {}
         self._final_swap = False
@@ -717,6 +727,8 @@ class EMAController:
         from ema_callbacks.posthoc import find_snapshots, save_snapshot
 
         assert self.snapshot_schedule is not None, "snapshot_every is not set"
+        if write:
+            self.check_snapshot_folder(folder)
         written: list[Path] = []
         for p in self.profiles:
             if p.schedule.sigma_rel is None or not p.started or p.weights is None:
@@ -743,19 +755,67 @@ class EMAController:
                     dtype=self.snapshot_dtype,
                     buffers=kept,
                     aliases={a: n for a, n in p.weights.aliases.items() if n in tensors},
+                    run=self.snapshot_run,
                 )
             )
         self.snapshot_schedule.commit(
             clock, self.snapshot_state, self.snapshot_schedule.due(clock, self.snapshot_state)
         )
         if write and self.snapshot_keep is not None and written:
-            found = [s for s in find_snapshots(folder) if s.path.parent == Path(folder).resolve()]
+            found = [
+                s
+                for s in find_snapshots(folder)
+                if s.path.parent == Path(folder).resolve() and s.run == self.snapshot_run
+            ]
             times = sorted({s.time for s in found})
             old = set(times[: max(0, len(times) - self.snapshot_keep)])
             for s in found:
                 if s.time in old:
                     s.path.unlink(missing_ok=True)
         return written
+
+    def check_snapshot_folder(self, folder: str | Path) -> None:
+        """Refuse (``ValueError`` naming the folder and a file) a snapshot folder that holds
+        snapshots written by another run: their names would collide with this run's,
+        ``snapshot_keep`` could not tell them apart and a post-hoc reconstruction would mix two
+        runs. A resumed run is the same run (its id is in :meth:`state_dict`). The adapters
+        call this when training starts (after a resume is loaded); :meth:`write_snapshots`
+        calls it before its first write into a folder.
+
+        >>> import tempfile, torch
+        >>> from ema_callbacks.posthoc import save_snapshot
+        >>> folder = tempfile.mkdtemp()
+        >>> ctrl = EMAController.create(sigma_rel=0.1, snapshot_every='1ba')
+        >>> ctrl.check_snapshot_folder(folder)  # empty: fine
+        >>> _ = save_snapshot(folder + '/ema-10ba-sigma_rel0.1.safetensors', {'w': torch.ones(1)},
+        ...                   time=10, sigma_rel=0.1, run='0123abcd')
+        >>> EMAController.create(sigma_rel=0.1, snapshot_every='1ba').check_snapshot_folder(folder)
+        Traceback (most recent call last):
+        ...
+        ValueError: snapshot folder '...' holds 1 post-hoc EMA snapshot(s) of another run (e.g. ema-10ba-sigma_rel0.1.safetensors, written by run 0123abcd; this run is ...); their names would collide and snapshot_keep and a reconstruction would mix the runs: give this run its own snapshot_folder, or move those files away
+        """
+        from ema_callbacks.posthoc import find_snapshots
+
+        key = os.path.realpath(os.fspath(folder))
+        if key in self._snapshot_folders_checked:
+            return
+        if os.path.isdir(key):
+            others = [
+                s
+                for s in find_snapshots(key)
+                if s.path.parent == Path(key) and s.run != self.snapshot_run
+            ]
+            if others:
+                first = others[0]
+                who = "a run" if first.run is None else f"run {first.run}"
+                raise ValueError(
+                    f"snapshot folder {os.fspath(folder)!r} holds {len(others)} post-hoc EMA "
+                    f"snapshot(s) of another run (e.g. {first.path.name}, written by {who}; this "
+                    f"run is {self.snapshot_run}); their names would collide and snapshot_keep "
+                    "and a reconstruction would mix the runs: give this run its own "
+                    "snapshot_folder, or move those files away"
+                )
+        self._snapshot_folders_checked.add(key)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -804,6 +864,7 @@ class EMAController:
             }
         if self.snapshot_schedule is not None:
             state["snapshot"] = self.snapshot_state.to_dict()
+            state["snapshot_run"] = self.snapshot_run
         aliases = self.aliases
         if aliases:
             state["aliases"] = aliases
@@ -825,6 +886,9 @@ class EMAController:
             p.state = ScheduleState()
             p.pending = None
         self.snapshot_state = ScheduleState()
+        if self.snapshot_schedule is not None:
+            self.snapshot_run = _new_run_id()
+            self._snapshot_folders_checked.clear()
         self._pending_training = None
 
     def load_averaged(
@@ -900,6 +964,10 @@ class EMAController:
                 p.state = ScheduleState()
                 p.pending = None
         self.snapshot_state = ScheduleState.from_dict(state.get("snapshot", {}))
+        run = state.get("snapshot_run")
+        if self.snapshot_schedule is not None and isinstance(run, str) and run:
+            self.snapshot_run = run  # the same run, resumed
+            self._snapshot_folders_checked.clear()
         if self.weights is not None:
             if training is not None:
                 # The model slot of this checkpoint held EMA weights: put training weights back.

@@ -149,6 +149,7 @@ class EMA:
             )
         folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
         self.snapshot_folder = None if folder is None else Path(folder)
+        self._snapshot_folder_checked = False
         if steps_per_epoch is not None:
             steps_per_epoch = _count(steps_per_epoch, "steps_per_epoch")
             if steps_per_epoch == 0:
@@ -246,8 +247,14 @@ class EMA:
         return updated
 
     def _snapshot(self) -> None:
+        if self.snapshot_folder is None:
+            return
+        if not self._snapshot_folder_checked:
+            # At the first step (after any load_state_dict): refuse another run's snapshots.
+            self.controller.check_snapshot_folder(self.snapshot_folder)
+            self._snapshot_folder_checked = True
         clock = self.clock
-        if self.snapshot_folder is not None and self.controller.snapshot_due(clock):
+        if self.controller.snapshot_due(clock):
             self.controller.write_snapshots(self.snapshot_folder, clock)
 
     def _model(self, model: nn.Module | None) -> nn.Module:
@@ -351,6 +358,7 @@ class EMA:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched weights."""
         self.controller.load_state_dict(state)
+        self._snapshot_folder_checked = False
         clock = dict(state.get("clock", {}))
         self._batch = int(clock.get("batch", 0))
         self._epoch = int(clock.get("epoch", 0))

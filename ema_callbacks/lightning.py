@@ -537,6 +537,9 @@ class EMACallback(_CallbackBase):
         """Training weights in; optimizer steps are counted from here (after a resume too)."""
         self.controller.train_start(pl_module)
         self._last_step = trainer.global_step
+        if self._snapshot_dir is not None and trainer.is_global_zero:
+            # After a resume is restored: a resumed run may add to its own snapshots.
+            self.controller.check_snapshot_folder(self._snapshot_dir)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int

@@ -369,6 +369,7 @@ class Snapshot:
     buffers: tuple[str, ...] = field(default=())
     version: int = _VERSION
     aliases: tuple[tuple[str, str], ...] = field(default=())
+    run: str | None = None  # the run that wrote it (EMAController.snapshot_run), if recorded
 
     def tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Load the tensors (safetensors, never pickle) onto ``device``; a tied tensor is stored
@@ -442,6 +443,7 @@ def save_snapshot(
     dtype: str | torch.dtype | None = "float16",
     buffers: Mapping[str, torch.Tensor] | None = None,
     aliases: Mapping[str, str] | None = None,
+    run: str | None = None,
 ) -> Path:
     """Write a post-hoc EMA snapshot: a safetensors file with string metadata.
 
@@ -454,7 +456,9 @@ def save_snapshot(
     ``format='ema_callbacks.posthoc'``, ``version``, ``time``, ``unit``, ``sigma_rel``, ``gamma``
     and ``buffers`` (a JSON list). ``aliases`` (``{other name: stored name}``, tied tensors
     such as ``head.weight = emb.weight``) are kept in the metadata (``aliases``, a JSON object):
-    the tensor is stored once and a reconstruction writes it under every name. The write is
+    the tensor is stored once and a reconstruction writes it under every name. ``run`` (a
+    string) records which training run wrote the file (metadata ``run``; the controller's
+    ``snapshot_keep`` deletes only its own run's files). The write is
     atomic (temporary file, then ``os.replace``), with the umask's mode. Returns the path.
 
     >>> import tempfile, torch
@@ -514,6 +518,10 @@ def save_snapshot(
     }
     if tied:
         metadata["aliases"] = json.dumps(tied, sort_keys=True)
+    if run is not None:
+        if not isinstance(run, str) or not run:
+            raise TypeError(f"run must be a non-empty string or None; got {run!r}")
+        metadata["run"] = run
     _atomic_save(target, out, metadata)
     return target
 
@@ -560,7 +568,8 @@ def _snapshot_from(path: Path, meta: Mapping[str, str]) -> Snapshot:
             f"{path}: snapshot version {version} is newer than this ema_callbacks "
             f"(reads up to {_VERSION}); upgrade ema_callbacks"
         )
-    return Snapshot(path, time, unit, sigma_rel, gamma, buffers, version, aliases)
+    run = meta.get("run") or None
+    return Snapshot(path, time, unit, sigma_rel, gamma, buffers, version, aliases, run)
 
 
 def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:

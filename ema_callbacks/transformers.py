@@ -50,6 +50,7 @@ import math
 import os
 import re
 import sys
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -67,11 +68,12 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
     ) from err
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ema_callbacks.controller import EMAController, EMAProfile, _snapshot_folder_option
-from ema_callbacks.files import atomic_write
+from ema_callbacks.files import FileProblem, atomic_write
 from ema_callbacks.schedule import Clock
 from ema_callbacks.weights import EMAWeights, normalize_name, unwrap_model
 
@@ -119,6 +121,9 @@ def save_ema_state(
     """Write an :meth:`EMAController.state_dict` into ``directory`` as ``{name}_state.safetensors``
     (the tensors) and ``{name}_state.json`` (everything else), each atomically (temp file +
     ``os.replace``); the JSON is written last, so its presence means the pair is complete.
+    Both files carry the same write id (the JSON's ``write``, the safetensors metadata
+    ``ema_callbacks_write``): a pair from two different saves (a save killed between the two
+    renames) is refused on load, never mixed.
 
     Tensor keys: ``shadow/<tensor>`` (the primary EMA), ``training/<tensor>`` (the training
     weights, when the model held an EMA) and ``profiles/<profile>/<tensor>`` (the other EMAs of
@@ -161,8 +166,10 @@ def save_ema_state(
     if shard is not None:
         meta["shard"] = {"rank": int(shard[0]), "world": int(shard[1])}
         meta["full_shapes"] = {k: [int(n) for n in v] for k, v in (full_shapes or {}).items()}
+    write_id = uuid.uuid4().hex
+    meta["write"] = write_id
     tensor_path, json_path = _paths(directory, name, shard)
-    atomic_write(tensor_path, lambda p: save_file(tensors, p))
+    atomic_write(tensor_path, lambda p: save_file(tensors, p, metadata={_WRITE_KEY: write_id}))
 
     def write_json(path: str) -> None:
         with open(path, "w") as f:
@@ -205,9 +212,7 @@ def load_ema_state(
             f"no EMA state in {os.fspath(directory)!r}: expected {os.path.basename(tensor_path)} "
             f"and {os.path.basename(json_path)}"
         )
-    with open(json_path) as f:
-        state: dict[str, Any] = json.load(f)
-    tensors = load_file(tensor_path, device="cpu")
+    state, tensors = _read_pair(tensor_path, json_path)
     for group, keys in dict(state.pop("tensors", {})).items():
         if group == "profiles":
             for profile, names in dict(keys).items():
@@ -224,6 +229,38 @@ def load_ema_state(
                 k[len(group) + 1 :]: v for k, v in tensors.items() if k.startswith(group + "/")
             }
     return state
+
+
+_WRITE_KEY = "ema_callbacks_write"
+
+
+def _read_pair(tensor_path: str, json_path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON and the tensors of one :func:`save_ema_state` write; a damaged file or a pair
+    from two different writes is a :class:`~ema_callbacks.files.FileProblem` naming the files."""
+    try:
+        with open(json_path) as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+    except (OSError, ValueError, RecursionError) as err:
+        raise FileProblem(f"{json_path}: damaged EMA state file ({err})") from err
+    try:
+        with safe_open(tensor_path, framework="pt", device="cpu") as f:
+            written = (f.metadata() or {}).get(_WRITE_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise FileProblem(
+            f"{tensor_path}: damaged or truncated EMA state file ({' '.join(str(err).split())[:120]})"
+        ) from err
+    expected = state.pop("write", None)
+    if written != expected:
+        raise FileProblem(
+            f"torn EMA state: {os.path.basename(tensor_path)} and {os.path.basename(json_path)} "
+            f"in {os.path.dirname(tensor_path)!r} come from different saves (write ids "
+            f"{written!r} and {expected!r}; a save was interrupted between its two files); "
+            "resume from another checkpoint"
+        )
+    return state, tensors
 
 
 def _merge_shards(
@@ -850,6 +887,9 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             self._resume(args, state, frame.get("resume_from_checkpoint"))
         run.controller.fit_start(model, self._clock(args, state), _TOKENS_HINT)
         _sync_gathered(run, force=True)  # a resume may have written training partitions
+        if run.controller.snapshot_schedule is not None and state.is_world_process_zero:
+            # After the resume: a resumed run may add to its own snapshots.
+            run.controller.check_snapshot_folder(self._snapshot_folder_for(args))
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.eval_swap = False
@@ -889,8 +929,11 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         """Post-hoc snapshots of the ``sigma_rel`` profiles when ``snapshot_every`` is due (every
         rank calls this, sharded EMAs are gathered; the main process writes)."""
         if self.controller.snapshot_due(clock):
-            folder = self.snapshot_folder or os.path.join(args.output_dir, f"{self.name}_snapshots")
+            folder = self._snapshot_folder_for(args)
             self.controller.write_snapshots(folder, clock, write=state.is_world_process_zero)
+
+    def _snapshot_folder_for(self, args: Any) -> str:
+        return self.snapshot_folder or os.path.join(args.output_dir, f"{self.name}_snapshots")
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -975,3 +1018,52 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         finally:
             self._run.manual -= 1
             _sync_gathered(self._run)
+
+    def save_ema_model(
+        self, trainer: Any, output_dir: str | os.PathLike[str], profile: str | None = None
+    ) -> str:
+        """Save the EMA of ``profile`` (default the primary one) as a ``save_pretrained``
+        folder, through ``trainer.save_model``: the config, the weights with tied weights tied,
+        and the tokenizer or processor the Trainer holds. ``from_pretrained(output_dir)`` then
+        loads the EMA, ready for ``push_to_hub``. The model holds its previous weights again
+        afterwards, also when the save fails. Call it on every process in a distributed run
+        (the Trainer gathers and writes on the main one). Returns ``output_dir``.
+
+        Use it after ``trainer.train()`` with ``final_weights='training'``, or for another
+        profile than the one left in the model; with the default ``final_weights='ema'``
+        a plain ``trainer.save_model()`` already writes the EMA.
+
+        Refused (``ValueError``): an EMA that has not started (the folder would hold the
+        training weights under the EMA's name) and an ``output_dir`` that is one of the
+        Trainer's checkpoint folders (its weights are the ones a resume needs).
+
+        >>> cb = EMATrainerCallback(half_life='2ba')
+        >>> cb.save_ema_model(None, 'ema_model')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: save_ema_model: the EMA 'ema_2ba' has not started (no update yet)...
+        """
+        chosen = self.controller.profile(profile)
+        if not chosen.started or chosen.weights is None:
+            raise ValueError(
+                f"save_ema_model: the EMA {chosen.name!r} has not started (no update yet), so "
+                "there are no EMA weights to save; train first (or lower ema_start)"
+            )
+        folder = os.fspath(output_dir)
+        if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(folder))) and (
+            os.path.isfile(os.path.join(folder, "trainer_state.json"))
+        ):
+            raise ValueError(
+                f"save_ema_model: output_dir={folder!r} is a Trainer checkpoint folder; writing "
+                "the EMA there would replace the training weights a resume needs: choose "
+                "another folder"
+            )
+        model = getattr(trainer, "model", None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"save_ema_model: trainer must be the transformers Trainer that trained with "
+                f"this callback; got {type(trainer).__name__}"
+            )
+        with self.ema_weights(model, chosen.name):
+            trainer.save_model(folder)
+        return folder

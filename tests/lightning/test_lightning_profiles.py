@@ -338,6 +338,12 @@ def test_snapshot_folder_defaults_and_explicit(tmp_path: Path) -> None:
     )
     fit([explicit], max_steps=4)
     assert len(list((tmp_path / "s").iterdir())) == 2
+    # A second run into the same folder is refused when training starts; nothing is touched.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    again = EMACallback(sigma_rel=[0.1], snapshot_every="2ba", snapshot_folder=str(tmp_path / "s"))
+    with pytest.raises(ValueError, match="snapshot.s. of another run"):
+        fit([again], max_steps=4)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
 
 
 def test_resumed_snapshots_are_written_once(tmp_path: Path) -> None:

@@ -278,6 +278,16 @@ def test_snapshot_folder_and_keep(tmp_path):
     # only sigma_rel profiles are snapshotted, at 1ep (3 steps), 2ep, 3ep, named by the time in
     # the profile's update unit (ba); only the latest 2 are kept
     assert [(s.time, s.sigma_rel, s.unit) for s in found] == [(6.0, 0.1, "ba"), (9.0, 0.1, "ba")]
+    assert {s.run for s in found} == {cb.controller.snapshot_run}
+
+    # A second run into the same folder is refused at train start; the first run's files stay.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "posthoc").iterdir()}
+    again = EMATrainerCallback(
+        sigma_rel=0.1, snapshot_every="1ep", snapshot_folder=str(tmp_path / "posthoc")
+    )
+    with pytest.raises(ValueError, match="snapshot.s. of another run"):
+        trainer(tmp_path / "out2", [again], num_train_epochs=1, data=TinyData(12)).train()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "posthoc").iterdir()} == before
 
 
 RESUME = {
