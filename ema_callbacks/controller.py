@@ -764,7 +764,7 @@ class EMAController:
         if write and self.snapshot_keep is not None and written:
             found = [
                 s
-                for s in find_snapshots(folder)
+                for s in find_snapshots(folder, skip_damaged=True)
                 if s.path.parent == Path(folder).resolve() and s.run == self.snapshot_run
             ]
             times = sorted({s.time for s in found})
@@ -802,7 +802,7 @@ class EMAController:
         if os.path.isdir(key):
             others = [
                 s
-                for s in find_snapshots(key)
+                for s in find_snapshots(key, skip_damaged=True)
                 if s.path.parent == Path(key) and s.run != self.snapshot_run
             ]
             if others:

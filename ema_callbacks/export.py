@@ -794,12 +794,11 @@ def _export_hf(
     for file, keys in layout.items():
         new = "model.safetensors" if single else _as_safetensors_name(file)
         files[new] = {k: cast(extract.hf_tensors[k]) for k in keys}
+    # All or nothing: the folder is built beside the output and renamed into place; with
+    # --force an existing output is kept aside until the new one is in place.
     parent = output.parent
-    if not output.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-        build = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
-    else:
-        build = output
+    parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
     try:
         os.chmod(build, 0o777 & ~_umask())
         for name in copied:
@@ -818,23 +817,29 @@ def _export_hf(
             weight_map = {k: name for name, tensors in files.items() for k in tensors}
             index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
             _write_text(build / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        if build is output:  # --force: weight files of an earlier export would mix with ours
-            keep = set(files) | ({"model.safetensors.index.json"} if not single else set())
+        if output.exists():
+            # --force: the user's other files (a model card) stay; weight files of an earlier
+            # export would mix with ours, so they go.
             for old in output.iterdir():
-                if (
-                    old.is_file()
-                    and old.name not in keep
-                    and re.match(
-                        r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model.*\.bin|.*\.index\.json)$",
-                        old.name,
-                    )
-                ):
-                    old.unlink()
+                if (build / old.name).exists() or _HF_WEIGHT_FILE.match(old.name):
+                    continue
+                if old.is_dir():
+                    shutil.copytree(old, build / old.name, symlinks=True)
+                else:
+                    shutil.copy2(old, build / old.name, follow_symlinks=False)
+            aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", suffix=".tmp", dir=parent))
+            aside.rmdir()
+            os.rename(output, aside)
+            try:
+                os.rename(build, output)
+            except BaseException:
+                os.rename(aside, output)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(build, output)
     except BaseException:
-        if build is not output:
-            shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)
         raise
     return {
         "kind": extract.kind,
@@ -844,6 +849,11 @@ def _export_hf(
         "ema_tensors": len(extract.ema_names),
         "files": ", ".join(sorted({*copied, *files})),
     }
+
+
+_HF_WEIGHT_FILE = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model.*\.bin|.*\.index\.json)$"
+)
 
 
 def _as_safetensors_name(file: str) -> str:

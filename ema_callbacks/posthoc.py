@@ -600,10 +600,15 @@ def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 
 def find_snapshots(
     folders_or_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    skip_damaged: bool = False,
 ) -> list[Snapshot]:
     """Snapshots in folders (searched recursively for ``*.safetensors``) and files, sorted by
     ``(time, sigma_rel)``. Safetensors files without the snapshot metadata (models, exported
-    results) are skipped in folders; a file named explicitly must be a snapshot.
+    results) are skipped in folders; a file named explicitly must be a snapshot. A damaged or
+    unreadable ``*.safetensors`` file in a folder is a :class:`~ema_callbacks.files.FileProblem`
+    naming it (a reconstruction without it would silently differ), or, with
+    ``skip_damaged=True``, skipped with a warning.
 
     >>> import tempfile, torch
     >>> d = tempfile.mkdtemp()
@@ -633,6 +638,8 @@ def find_snapshots(
                 try:
                     meta = _read_metadata(file) or {}
                 except FileProblem as err:  # not a readable safetensors file
+                    if not skip_damaged:
+                        raise
                     warnings.warn(f"skipping {err}", stacklevel=2)
                     continue
                 if meta.get("format") == FORMAT:

@@ -118,7 +118,9 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def test_transformers_tied_gpt2_safetensors_and_hf_folder(tmp_path: Path) -> None:
+def test_transformers_tied_gpt2_safetensors_and_hf_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("transformers.trainer")
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -168,6 +170,26 @@ def test_transformers_tied_gpt2_safetensors_and_hf_folder(tmp_path: Path) -> Non
     assert main(["export", str(folder), "--format", "hf", "-o", str(hf), "--force"]) == 0
     for inside in (folder, folder / "sub"):
         assert main(["export", str(folder), "--format", "hf", "-o", str(inside), "--force"]) == 2
+
+    # --force is all or nothing: a failure leaves the old folder as it was, byte for byte; a
+    # success keeps the user's other files (a model card) and drops old weight shards.
+    (hf / "README.md").write_text("model card")
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (hf / "config.json").write_text((hf / "config.json").read_text().replace("gpt2", "gpt2 "))
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("ema_callbacks.export.write_safetensors", disk_full)
+        assert main(["export", str(folder), "--format", "hf", "-o", str(hf), "--force"]) == 1
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert sorted(p.name for p in hf.parent.iterdir() if p.name.startswith(".")) == []
+    assert main(["export", str(folder), "--format", "hf", "-o", str(hf), "--force"]) == 0
+    assert (hf / "README.md").read_text() == "model card"
+    assert not (hf / "model-00001-of-00002.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(hf)
 
 
 def test_export_and_posthoc_give_the_same_keys(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 import ema_callbacks.posthoc as posthoc
 from ema_callbacks import EMA
+from ema_callbacks.files import FileProblem
 from ema_callbacks.posthoc import (
     Snapshot,
     find_snapshots,
@@ -390,8 +391,12 @@ def test_find_snapshots_sorts_recurses_and_ignores_other_files(tmp_path: Path) -
     save_file({"w": torch.ones(1)}, str(tmp_path / "run" / "tagged.safetensors"), {"format": "pt"})
     (tmp_path / "run" / "broken.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "run" / "notes.txt").write_text("hi")
+    # a damaged file is an error naming it (a reconstruction without it would differ) ...
+    with pytest.raises(FileProblem, match="broken.safetensors: damaged or truncated"):
+        find_snapshots(tmp_path / "run")
+    # ... or, for a training run scanning its folder, skipped with a warning
     with pytest.warns(UserWarning, match="broken.safetensors"):
-        snaps = find_snapshots(tmp_path / "run")
+        snaps = find_snapshots(tmp_path / "run", skip_damaged=True)
     assert [(s.time, s.sigma_rel) for s in snaps] == [
         (100, 0.1),
         (200, 0.05),
@@ -401,7 +406,7 @@ def test_find_snapshots_sorts_recurses_and_ignores_other_files(tmp_path: Path) -
     # Files and folders together, without duplicates.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        both = find_snapshots([tmp_path / "run", snaps[0].path])
+        both = find_snapshots([tmp_path / "run", snaps[0].path], skip_damaged=True)
     assert [s.path for s in both] == [s.path for s in snaps]
     with pytest.raises(ValueError, match="is not a post-hoc EMA snapshot"):
         find_snapshots([tmp_path / "run" / "model.safetensors"])
