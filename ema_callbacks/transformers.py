@@ -869,13 +869,6 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         run.release_gathered = (
             None if layout is None else getattr(engine, "empty_partition_cache", None)
         )
-        if layout is not None and run.controller.snapshot_schedule is not None:
-            # EMAController.write_snapshots gathers FSDP2 DTensors, not ZeRO-3 partitions.
-            raise ValueError(
-                "snapshot_every is not supported under DeepSpeed ZeRO-3: the post-hoc snapshots "
-                "would hold each rank's flat partitions, not whole tensors; export the EMA and "
-                "snapshot it yourself, or train with ZeRO-1/2 or DDP"
-            )
         if layout is not None and run.release_gathered is None:
             raise ValueError(
                 "the model's parameters are DeepSpeed ZeRO-3 partitions, but the Trainer holds "
@@ -887,7 +880,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             self._resume(args, state, frame.get("resume_from_checkpoint"))
         run.controller.fit_start(model, self._clock(args, state), _TOKENS_HINT)
         _sync_gathered(run, force=True)  # a resume may have written training partitions
-        if run.controller.snapshot_schedule is not None and state.is_world_process_zero:
+        if run.controller.snapshot_schedule is not None and self._writes_snapshots(state):
             # After the resume: a resumed run may add to its own snapshots.
             run.controller.check_snapshot_folder(self._snapshot_folder_for(args))
 
@@ -930,7 +923,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         rank calls this, sharded EMAs are gathered; the main process writes)."""
         if self.controller.snapshot_due(clock):
             folder = self._snapshot_folder_for(args)
-            self.controller.write_snapshots(folder, clock, write=state.is_world_process_zero)
+            self.controller.write_snapshots(folder, clock, write=self._writes_snapshots(state))
+
+    def _writes_snapshots(self, state: Any) -> bool:
+        """The one process that writes snapshots: the main process, or under ZeRO-3 the
+        DeepSpeed rank 0 (on CPU DeepSpeed the Trainer may see every process as the main one)."""
+        shard = self._run.shard
+        return bool(state.is_world_process_zero) if shard is None else shard[0] == 0
 
     def _snapshot_folder_for(self, args: Any) -> str:
         return self.snapshot_folder or os.path.join(args.output_dir, f"{self.name}_snapshots")

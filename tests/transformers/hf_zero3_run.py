@@ -171,13 +171,48 @@ def run(out: str, resume: str | None) -> dict[str, Any]:
     return seen
 
 
+def snapshots(out: str) -> dict[str, Any]:
+    """Run C: post-hoc snapshots of a ZeRO-3 EMA (every rank gathers, rank 0 writes)."""
+    from hf_tiny import TinyData, trainer
+    from transformers import TrainerCallback
+
+    from ema_callbacks.transformers import EMATrainerCallback
+
+    ema = EMATrainerCallback(
+        sigma_rel=0.1, snapshot_every="4ba", snapshot_dtype="float32", final_weights="training"
+    )
+    seen: dict[str, Any] = {"ema": {}}
+
+    class After(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            weights = ema.controller.weights
+            seen["ema"][state.global_step] = {
+                k: v.clone() for k, v in weights.full_state_dict().items()
+            }
+
+    tr = trainer(
+        out,
+        [ema, After()],
+        data=TinyData(16),
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        ddp_backend="gloo",
+        deepspeed=deepspeed_config(),
+        use_cpu=False,
+    )
+    tr.train()
+    seen["run"] = ema.controller.snapshot_run
+    return seen
+
+
 def main(out: str) -> None:
     import torch
 
     first = run(os.path.join(out, "a"), None)
     resumed = run(os.path.join(out, "b"), os.path.join(out, "a", "checkpoint-4"))
+    posthoc = snapshots(os.path.join(out, "c"))
     rank = int(os.environ["RANK"])
-    torch.save({"a": first, "b": resumed}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"a": first, "b": resumed, "c": posthoc}, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit; gloo aborts otherwise
 

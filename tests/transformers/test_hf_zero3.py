@@ -117,6 +117,24 @@ def test_zero3_resume_is_bit_identical(zero3_run):
             assert _equal(resumed["train"][step], first["train"][step]), step
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_posthoc_snapshots_hold_the_whole_ema(zero3_run):
+    """snapshot_every under ZeRO-3: the partitions are gathered into whole tensors, rank 0
+    writes one file per snapshot time, and it equals the gathered EMA at that step."""
+    from ema_callbacks.posthoc import find_snapshots
+
+    out, ranks = zero3_run
+    found = find_snapshots(out / "c" / "ema_snapshots")
+    assert [(s.time, s.sigma_rel) for s in found] == [(4.0, 0.1), (8.0, 0.1)]
+    assert {s.run for s in found} == {ranks[0]["c"]["run"]}
+    for snap in found:
+        tensors = snap.tensors()
+        step = int(snap.time)
+        assert _equal(tensors, ranks[0]["c"]["ema"][step])  # whole tensors, model shapes
+        assert tensors["net.0.weight"].shape == (8, 4)
+
+
 def _partitions(full: torch.Tensor, world: int) -> list[torch.Tensor]:
     """DeepSpeed's rule: flatten, zero-pad to a multiple of ``world``, equal chunks."""
     flat = full.reshape(-1)
