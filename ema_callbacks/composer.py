@@ -282,8 +282,9 @@ class EMA(Algorithm):  # type: ignore[misc]
                 "half_life is None but neither smoothing nor sigma_rel is given: pass a "
                 "half_life like '1000ba' or a smoothing like 0.999"
             )
-        if not isinstance(ema_start, Time):
-            Time.parse(ema_start, "ema_start")  # validated here so the message names it
+        # Validated here so the message names ema_start (the core knows it as start).
+        if Time.parse(ema_start, "ema_start").is_infinite:
+            raise ValueError(f"ema_start must be finite; got {ema_start!r}")
         folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
         self._options: dict[str, Any] = {
             "half_life": half_life,

@@ -268,7 +268,11 @@ class EMAController:
                 ) from err
         self.snapshot_schedule: Schedule | None = None
         if snapshot_every is not None:
-            self.snapshot_schedule = Schedule(smoothing=0.0, update_interval=snapshot_every)
+            self.snapshot_schedule = Schedule(
+                smoothing=0.0,
+                update_interval=snapshot_every,
+                names={"update_interval": "snapshot_every"},
+            )
             if not any(s.sigma_rel is not None for s in schedules):
                 raise ValueError(
                     f"snapshot_every={str(snapshot_every)!r} writes post-hoc EMA snapshots of "

@@ -299,6 +299,11 @@ class Update:
     initialise: bool
 
 
+def _as_typed(value: Any) -> str:
+    """``value`` quoted as the user typed it (a string as is, a :class:`Time` as its string)."""
+    return repr(value) if isinstance(value, str) else repr(str(value))
+
+
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
@@ -322,6 +327,9 @@ class Schedule:
     ``1-(1+t/warmup_gamma)^-warmup_power`` (timm, diffusers); ``'debias'`` is optax's zero-init
     EMA with bias correction. ``rampup_ratio`` is EDM2's ramp: the half-life is at most this
     fraction of the progress since start.
+
+    ``names`` renames options in error messages, for callers whose users know them by another
+    name (``{'update_interval': 'snapshot_every'}``, ``{'start': 'ema_start'}``).
 
     >>> s = Schedule(half_life='50ba')
     >>> s.update_interval, s.half_life
@@ -349,7 +357,12 @@ class Schedule:
         warmup_gamma: float = 1.0,
         warmup_power: float = 2 / 3,
         rampup_ratio: float | None = None,
+        *,
+        names: Mapping[str, str] | None = None,
     ) -> None:
+        label = dict(names or {})
+        interval_name = label.get("update_interval", "update_interval")
+        start_name = label.get("start", "start")
         given = {
             k: v
             for k, v in (
@@ -397,14 +410,14 @@ class Schedule:
                 update_interval = Time(1, self.half_life.unit)
             else:
                 update_interval = Time(1, TimeUnit.BATCH)
-        self.update_interval = Time.parse(update_interval, "update_interval")
+        self.update_interval = Time.parse(update_interval, interval_name)
         if self.update_interval.value == 0 or self.update_interval.is_infinite:
             raise ValueError(
-                f"update_interval must be positive and finite; got '{self.update_interval}'"
+                f"{interval_name} must be positive and finite; got {_as_typed(update_interval)}"
             )
-        self.start = Time.parse(start, "start")
+        self.start = Time.parse(start, start_name)
         if self.start.is_infinite:
-            raise ValueError(f"start must be finite; got '{self.start}'")
+            raise ValueError(f"{start_name} must be finite; got {_as_typed(start)}")
 
         if not isinstance(warmup, str):
             raise TypeError(f"warmup must be one of {WARMUPS}; got {warmup!r}")

@@ -151,3 +151,22 @@ def test_train_with_ema_weights_trains_on_the_average() -> None:
     for ema, training in zip(rec.ema[1:], rec.training[1:], strict=True):
         assert ema is not None and all(torch.equal(ema[k], training[k]) for k in ema)
     assert not torch.equal(rec.training[-1]["0.weight"], plain.training[-1]["0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "typed"),
+    [
+        ({"ema_start": "infba"}, "ema_start", "'infba'"),
+        ({"ema_start": "Infinityba"}, "ema_start", "'Infinityba'"),
+        ({"update_interval": "+0ba"}, "update_interval", "'+0ba'"),
+        ({"sigma_rel": 0.1, "snapshot_every": "0ba"}, "snapshot_every", "'0ba'"),
+        ({"sigma_rel": 0.1, "snapshot_every": "Infinityba"}, "snapshot_every", "'Infinityba'"),
+    ],
+)
+def test_message_names_the_parameter_typed(kwargs: dict, name: str, typed: str) -> None:
+    # Issue 15: snapshot_every was reported as update_interval, ema_start as start, and the
+    # values quoted normalised ('0ba', 'infba') rather than as typed.
+    with pytest.raises(ValueError) as info:
+        EMA(**kwargs)
+    assert str(info.value).startswith(f"{name} "), str(info.value)
+    assert typed in str(info.value)
