@@ -349,11 +349,27 @@ class EMA:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched weights."""
+        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched weights or a
+        malformed field."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"not an EMA state (expected a mapping); got {type(state).__name__}")
+        clock = state.get("clock", {})
+        if not isinstance(clock, Mapping):
+            raise ValueError(f"the EMA state's 'clock' must be a mapping; got {clock!r}")
+        counts: dict[str, int | None] = {}
+        for key in ("batch", "epoch", "batch_in_epoch", "samples", "tokens"):
+            value = clock.get(key, None if key in ("samples", "tokens") else 0)
+            if value is None and key in ("samples", "tokens"):
+                counts[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"the EMA state's 'clock.{key}' must be a non-negative integer; got {value!r}"
+                )
+            counts[key] = value
         self.controller.load_state_dict(state)
-        clock = dict(state.get("clock", {}))
-        self._batch = int(clock.get("batch", 0))
-        self._epoch = int(clock.get("epoch", 0))
-        self._batch_in_epoch = int(clock.get("batch_in_epoch", 0))
-        self._samples = clock.get("samples")
-        self._tokens = clock.get("tokens")
+        self._batch = int(counts["batch"] or 0)
+        self._epoch = int(counts["epoch"] or 0)
+        self._batch_in_epoch = int(counts["batch_in_epoch"] or 0)
+        self._samples = counts["samples"]
+        self._tokens = counts["tokens"]

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 WARMUPS = ("none", "tf", "power", "debias")
+SIGMA_REL_MIN = 1e-150  # the smallest sigma_rel whose exponent is computed in floats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """EDM2's relative standard deviation of a power-function EMA to its exponent ``gamma``.
 
     ``gamma`` is the largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2)`` (Karras et
-    al. 2024, Eq. 126 / Algorithm 2); ``0 < sigma_rel < sqrt(1/12) ~ 0.2887``.
+    al. 2024, Eq. 126 / Algorithm 2); ``0 < sigma_rel < sqrt(1/12) ~ 0.2887``, and at least
+    ``SIGMA_REL_MIN`` (1e-150: below it ``sigma_rel**-2`` overflows).
 
     >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
@@ -158,6 +160,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     if not 0.0 < sigma_rel < limit:
         raise ValueError(
             f"sigma_rel must be between 0 and {limit:.4f} (exclusive); got {sigma_rel!r}"
+        )
+    if sigma_rel < SIGMA_REL_MIN:
+        raise ValueError(
+            f"sigma_rel must be at least {SIGMA_REL_MIN:g} (the exponent of a smaller one, about "
+            f"1/sigma_rel, is beyond what floats compute); got {sigma_rel!r}"
         )
     t = sigma_rel**-2
 
@@ -188,7 +195,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     """
     if gamma <= -1:
         raise ValueError(f"gamma must be greater than -1; got {gamma!r}")
-    return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
+    # Written so that no intermediate overflows for a huge gamma.
+    return math.sqrt((gamma + 1.0) / (gamma + 3.0)) / (gamma + 2.0)
 
 
 def power_function_smoothing(now: float, elapsed: float, gamma: float) -> float:
@@ -252,6 +260,20 @@ _CLOCK_FIELDS = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _progress(key: str, value: float) -> float:
+    """A progress count as a :class:`Clock` holds it: an ``int`` for the integral units
+    (``ba``, ``sp``, ``tok``, also as ``start_ba``...), a ``float`` otherwise, so a state
+    read back (or rebuilt on resume) has the types of the one written."""
+    unit = key.removeprefix("start_")
+    if unit in ("ba", "sp", "tok") and float(value).is_integer():
+        return int(value)
+    return float(value)
+
+
 @dataclass
 class ScheduleState:
     """What a schedule remembers between events; JSON-friendly so any trainer can store it.
@@ -278,15 +300,53 @@ class ScheduleState:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ScheduleState:
-        # Fields added later are read with defaults so old checkpoints keep loading.
+    def from_dict(cls, data: Mapping[str, Any], where: str = "schedule") -> ScheduleState:
+        """Read :meth:`to_dict`'s output; fields added later are read with defaults so old
+        checkpoints keep loading. Raises ``ValueError`` naming the field (``where`` names the
+        mapping) when the data is not such a state.
+
+        >>> ScheduleState.from_dict(None)
+        Traceback (most recent call last):
+        ...
+        ValueError: the EMA state's 'schedule' must be a mapping; got None
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"the EMA state's {where!r} must be a mapping; got {data!r}")
+        last = data.get("last", {})
+        if not isinstance(last, Mapping) or not all(
+            _is_number(v) and not math.isnan(v) for v in last.values()
+        ):
+            raise ValueError(
+                f"the EMA state's '{where}.last' must map units to numbers; got {last!r}"
+            )
+        for key, kind in (
+            ("started", bool),
+            ("num_updates", int),
+            ("num_skipped", int),
+            ("bias_product", float),
+            ("smoothing", float),
+        ):
+            value = data.get(key)
+            ok = (
+                value is None
+                or (kind is bool and isinstance(value, bool))
+                or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+                or (kind is float and _is_number(value))
+            )
+            if not ok or (kind is int and value is not None and value < 0):
+                rule = {bool: "True or False", int: "a non-negative integer", float: "a number"}
+                raise ValueError(
+                    f"the EMA state's '{where}.{key}' must be {rule[kind]}; got {value!r}"
+                )
+        bias_product = data.get("bias_product")
+        smoothing = data.get("smoothing")
         return cls(
             started=bool(data.get("started", False)),
-            last={str(k): float(v) for k, v in dict(data.get("last", {})).items()},
-            num_updates=int(data.get("num_updates", 0)),
-            num_skipped=int(data.get("num_skipped", 0)),
-            bias_product=float(data.get("bias_product", 1.0)),
-            smoothing=None if data.get("smoothing") is None else float(data["smoothing"]),
+            last={str(k): _progress(str(k), v) for k, v in last.items()},
+            num_updates=int(data.get("num_updates") or 0),
+            num_skipped=int(data.get("num_skipped") or 0),
+            bias_product=1.0 if bias_product is None else float(bias_product),
+            smoothing=None if smoothing is None else float(smoothing),
         )
 
 

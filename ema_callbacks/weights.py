@@ -161,7 +161,14 @@ def _as_patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...
 
 
 def _as_dtype(value: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
+    if value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():  # an integer, bool or float8 EMA cannot average
+            raise ValueError(
+                f"{name} must be a floating dtype ({', '.join(sorted(_DTYPES))}) or None; "
+                f"got {value!r}"
+            )
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]

@@ -61,3 +61,23 @@ def test_value_quoted_as_typed(make: Callable[..., Any], option: str, typed: str
         make(**{option: typed})
     assert str(info.value).startswith(f"{option} "), str(info.value)
     assert repr(typed) in str(info.value)
+
+
+@entry_points
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"sigma_rel": 1e-160}, "sigma_rel"),
+        ({"sigma_rel": [0.1, 1e-300]}, "sigma_rel"),
+        ({"device": "meta"}, "device"),
+        ({"device": "cuda:99"}, "device"),
+        ({"device": "xla"}, "device"),
+        ({"dtype": "int64"}, "dtype"),
+    ],
+)
+def test_value_errors_not_overflow_or_assertion(
+    make: Callable[..., Any], kwargs: dict[str, Any], name: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        make(**kwargs)
+    assert str(info.value).startswith(name), str(info.value)

@@ -50,6 +50,14 @@ def test_signature_starts_with_composers_arguments_and_defaults() -> None:
         ({"final_weights": "best"}, ValueError, ["final_weights", "'best'"]),
         ({"warmup": "linear"}, ValueError, ["warmup", "'linear'"]),
         ({"nonfinite": "raise"}, ValueError, ["nonfinite", "'raise'"]),
+        # Issue 15: these were OverflowError, accepted-then-NotImplementedError, AssertionError
+        # and RuntimeError.
+        ({"sigma_rel": 1e-160}, ValueError, ["sigma_rel", "1e-160"]),
+        ({"dtype": torch.int64}, ValueError, ["dtype", "torch.int64"]),
+        ({"dtype": torch.bool}, ValueError, ["dtype", "torch.bool"]),
+        ({"device": "meta"}, ValueError, ["device", "'meta'"]),
+        ({"device": "cuda:99"}, ValueError, ["device", "'cuda:99'"]),
+        ({"device": "xla"}, ValueError, ["device", "'xla'"]),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict, error: type, words: list[str]) -> None:

@@ -51,3 +51,105 @@ def test_values_quoted_as_typed(kwargs: dict, name: str, typed: str) -> None:
         EMA(_model(), **kwargs)
     assert str(err.value).startswith(name)
     assert typed in str(err.value)
+
+
+# -- exception types: ValueError/TypeError, never OverflowError, AssertionError, ... -----------
+
+
+@pytest.mark.parametrize("sigma_rel", [1e-151, 1e-160, 1e-300, 5e-324])
+def test_tiny_sigma_rel_is_a_value_error(sigma_rel: float) -> None:
+    with pytest.raises(ValueError, match=r"^sigma_rel must be at least 1e-150"):
+        EMA(_model(), sigma_rel=sigma_rel)
+    with pytest.raises(ValueError, match=r"^sigma_rel"):
+        EMAController.create(sigma_rel=[0.1, sigma_rel])
+
+
+def test_smallest_sigma_rel_and_huge_gamma_compute() -> None:
+    from ema_callbacks.schedule import SIGMA_REL_MIN, gamma_to_sigma_rel, sigma_rel_to_gamma
+
+    gamma = sigma_rel_to_gamma(SIGMA_REL_MIN)
+    assert gamma_to_sigma_rel(gamma) == pytest.approx(SIGMA_REL_MIN, rel=1e-9)
+    assert gamma_to_sigma_rel(1e300) == pytest.approx(1e-300, rel=1e-9)  # no OverflowError
+
+
+def test_posthoc_sigma_rel_too_small_is_a_value_error() -> None:
+    from ema_callbacks.posthoc import _gamma
+
+    with pytest.raises(ValueError, match="^--sigma-rel"):
+        _gamma(1e-160, "--sigma-rel")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int8, torch.bool, torch.uint8, torch.float8_e4m3fn]
+)
+def test_non_floating_dtype_refused_at_construction(dtype: torch.dtype) -> None:
+    with pytest.raises(ValueError, match=r"^dtype must be a floating dtype"):
+        EMA(_model(), dtype=dtype)
+
+
+def test_floating_dtype_objects_accepted() -> None:
+    ema = EMA(_model(), dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in ema.shadow.values())
+
+
+@pytest.mark.parametrize(
+    ("device", "words"),
+    [
+        ("meta", "real tensors"),
+        ("xla", "cannot allocate"),
+        ("cuda:99", "cuda:99"),
+        ("not-a-device", "torch device like"),
+    ],
+)
+def test_unusable_device_refused_at_construction(device: str, words: str) -> None:
+    with pytest.raises(ValueError) as info:
+        EMA(_model(), device=device)
+    assert str(info.value).startswith("device"), str(info.value)
+    assert words in str(info.value)
+    if not torch.cuda.is_available():
+        assert not torch.cuda.is_initialized()  # the check did not initialise CUDA
+
+
+def test_device_of_the_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"^device must be a torch device"):
+        EMA(_model(), device=0)  # type: ignore[arg-type]
+
+
+def _saved() -> dict:
+    model = _model()
+    ema = EMA(model, half_life="4ba")
+    ema.step(model)
+    ema.step(model)
+    return ema.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("schedule", None, "'schedule'"),
+        ("schedule", {"last": 5}, "'schedule.last'"),
+        ("schedule", {"num_updates": "x"}, "'schedule.num_updates'"),
+        ("schedule", {"started": "yes"}, "'schedule.started'"),
+        ("shadow", {"0.weight": 3}, "'shadow'"),
+        ("profiles", 5, "'profiles'"),
+        ("training", 3, "'training'"),
+        ("aliases", [1], "'aliases'"),
+        ("version", "1", "'version'"),
+        ("clock", None, "'clock'"),
+        ("clock", {"batch": -1}, "'clock.batch'"),
+    ],
+)
+def test_malformed_state_is_a_value_error_naming_the_field(
+    key: str, value: object, named: str
+) -> None:
+    state = _saved()
+    state[key] = value
+    model = _model()
+    ema = EMA(model, half_life="4ba")
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with pytest.raises(ValueError) as info:
+        ema.load_state_dict(state)
+    assert named in str(info.value), str(info.value)
+    # nothing was half-loaded
+    assert ema.num_updates == 0
+    assert all(torch.equal(before[k], v) for k, v in ema.shadow.items())
