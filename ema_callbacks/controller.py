@@ -917,11 +917,42 @@ class EMAController:
             loaded["training"] = dict(training)
         self.load_state_dict(loaded)
 
+    def _schedule_changes(self, saved: Mapping[str, Any]) -> list[str]:
+        """``'option: saved -> now'`` for every schedule option of a saved ``config`` (from
+        :meth:`config`) that differs from this controller's, per profile."""
+        mine = {p.name: p.schedule.config() for p in self.profiles}
+        theirs: dict[str, Any] = {}
+        if isinstance(saved.get("schedule"), Mapping):
+            theirs[self.primary.name] = saved["schedule"]
+        for item in saved.get("profiles") or []:
+            if isinstance(item, Mapping) and item.get("name") in mine:
+                theirs.setdefault(str(item["name"]), item)
+        changes = []
+        for name, config in theirs.items():
+            for key in _SCHEDULE_KEYS:
+                if key in config and config[key] != mine[name][key]:
+                    where = "" if len(self.profiles) == 1 else f"{name}."
+                    changes.append(f"{where}{key}: saved {config[key]!r}, now {mine[name][key]!r}")
+        return changes
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Before the shadows exist the tensors are kept and
         applied at ``fit_start``/``setup``; names are checked then. The saved profiles must be
         this controller's; a state with one profile (from a single-EMA run or another library)
         loads into the primary profile, and the other profiles start afresh (with a warning).
+
+        A state saved with other schedule options (another half-life, smoothing, unit,
+        interval, start or warm-up) loads, and the constructor's options win: the saved EMA
+        weights and progress carry on under them, with a ``UserWarning`` naming each option
+        that differs, saved and now.
+
+        >>> import warnings
+        >>> saved = EMAController.create(half_life='10ba').state_dict()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter('always')
+        ...     EMAController.create(half_life='20ba').load_state_dict(saved)
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        the EMA state being loaded was saved with another schedule (half_life: saved '10ba', now '20ba'): ...
         """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(
@@ -967,6 +998,16 @@ class EMAController:
         aliases = _state_mapping(state, "aliases")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
             raise ValueError(f"the EMA state's 'aliases' must map names to names; got {aliases!r}")
+        changes = self._schedule_changes(_state_mapping(state, "config"))
+        if changes:
+            warnings.warn(
+                "the EMA state being loaded was saved with another schedule ("
+                + "; ".join(changes)
+                + "): its EMA weights and progress carry on under this EMA's options, the "
+                "constructor's, not the saved ones",
+                UserWarning,
+                stacklevel=2,
+            )
         if len(self.profiles) > 1 and not extra:
             warnings.warn(
                 f"the saved EMA state holds one EMA; it becomes {self.primary.name!r} and the "

@@ -490,18 +490,18 @@ class Schedule:
             )
         self.warmup = warmup
         self.warmup_gamma = _number(warmup_gamma, "warmup_gamma")
-        if self.warmup_gamma <= 0:
-            raise ValueError(f"warmup_gamma must be positive; got {warmup_gamma!r}")
+        if not 0 < self.warmup_gamma < math.inf:
+            raise ValueError(f"warmup_gamma must be positive and finite; got {warmup_gamma!r}")
         self.warmup_power = _number(warmup_power, "warmup_power")
-        if self.warmup_power <= 0:
-            raise ValueError(f"warmup_power must be positive; got {warmup_power!r}")
+        if not 0 < self.warmup_power < math.inf:
+            raise ValueError(f"warmup_power must be positive and finite; got {warmup_power!r}")
         self.rampup_ratio: float | None = None
         if rampup_ratio is not None:
             if self.half_life is None:
                 raise ValueError("rampup_ratio needs a half_life (it caps the half-life)")
             self.rampup_ratio = _number(rampup_ratio, "rampup_ratio")
-            if self.rampup_ratio <= 0:
-                raise ValueError(f"rampup_ratio must be positive; got {rampup_ratio!r}")
+            if not 0 < self.rampup_ratio < math.inf:
+                raise ValueError(f"rampup_ratio must be positive and finite; got {rampup_ratio!r}")
 
     # -- introspection --------------------------------------------------------------------
 

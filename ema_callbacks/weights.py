@@ -406,6 +406,7 @@ class EMAWeights:
             str, tuple[Any, tuple[Any, ...], torch.Size, tuple[int, ...]]
         ] = {}
 
+        self._check_patterns(model)
         entries = self._select(model)
         if not entries:
             raise ValueError(
@@ -437,6 +438,24 @@ class EMAWeights:
         return not (
             self.exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
         )
+
+    def _check_patterns(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming every ``include``/``exclude`` pattern that matches no
+        weight of ``model`` (a typo would otherwise silently track everything, or nothing)."""
+        root = unwrap_model(model)
+        names = {normalize_name(n) for n, _ in root.named_parameters(remove_duplicate=False)}
+        names |= {normalize_name(n) for n, _ in root.named_buffers(remove_duplicate=False)}
+        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
+            unmatched = [
+                p for p in patterns or () if not any(fnmatch.fnmatchcase(n, p) for n in names)
+            ]
+            if unmatched:
+                shown = ", ".join(repr(p) for p in unmatched)
+                example = ", ".join(repr(n) for n in sorted(names)[:5])
+                raise ValueError(
+                    f"{option} pattern {shown} matches no weight of the model (names are "
+                    f"normalised, e.g. {example}{', ...' if len(names) > 5 else ''})"
+                )
 
     def _select(self, model: nn.Module) -> list[_Entry]:
         root = unwrap_model(model)

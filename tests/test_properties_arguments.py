@@ -81,3 +81,27 @@ def test_value_errors_not_overflow_or_assertion(
     with pytest.raises(ValueError) as info:
         make(**kwargs)
     assert str(info.value).startswith(name), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ema\n", "..", ".", ".hidden", "-x", "a/b", "e" * 101, "", "ém"])
+def test_transformers_callback_name_is_a_safe_file_name_component(name: str) -> None:
+    with pytest.raises(ValueError, match=r"^name must be a file-name component"):
+        _transformers(name=name)
+
+
+@pytest.mark.parametrize("name", ["ema", "ema.fast", "EMA_2", "e" * 100])
+def test_transformers_callback_names_that_are_safe(name: str) -> None:
+    assert _transformers(name=name).name == name
+
+
+@entry_points
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"warmup": "power", "warmup_gamma": float("inf")}, "warmup_gamma")],
+)
+def test_silently_accepted_values_refused(
+    make: Callable[..., Any], kwargs: dict[str, Any], name: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        make(**kwargs)
+    assert str(info.value).startswith(name), str(info.value)

@@ -178,3 +178,17 @@ def test_message_names_the_parameter_typed(kwargs: dict, name: str, typed: str) 
         EMA(**kwargs)
     assert str(info.value).startswith(f"{name} "), str(info.value)
     assert typed in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"exclude": "typo.*"}, "exclude pattern 'typo.*' matches no weight"),
+        ({"include": ["*weight", "nomatch"]}, "include pattern 'nomatch' matches no weight"),
+    ],
+)
+def test_pattern_matching_nothing_is_refused_when_the_model_is_bound(
+    kwargs: dict, words: str
+) -> None:
+    with pytest.raises(ValueError, match=words.replace("*", r"\*").replace(".", r"\.")):
+        run(EMA(half_life="4ba", **kwargs), "2ba", eval_interval=None)

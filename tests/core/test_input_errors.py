@@ -153,3 +153,88 @@ def test_malformed_state_is_a_value_error_naming_the_field(
     # nothing was half-loaded
     assert ema.num_updates == 0
     assert all(torch.equal(before[k], v) for k, v in ema.shadow.items())
+
+
+# -- nothing silently accepted -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"exclude": "typo.*"}, "'typo.*'"),
+        ({"include": ["*weight", "nomatch"]}, "'nomatch'"),
+        ({"include": ["0.*"], "exclude": ["2.*"]}, "'2.*'"),
+    ],
+)
+def test_pattern_matching_nothing_is_refused_naming_it(kwargs: dict, pattern: str) -> None:
+    option = next(k for k in ("exclude", "include") if pattern.strip("'") in str(kwargs.get(k)))
+    with pytest.raises(ValueError) as info:
+        EMA(_model(), **kwargs)
+    assert str(info.value).startswith(f"{option} pattern {pattern} matches no weight"), str(
+        info.value
+    )
+
+
+def test_patterns_that_match_are_taken() -> None:
+    ema = EMA(_model(), include=["0.*", "1.bias"], exclude="0.bias")
+    assert sorted(ema.shadow) == ["0.weight", "1.bias"]
+
+
+@pytest.mark.parametrize("option", ["warmup_gamma", "warmup_power", "rampup_ratio"])
+def test_infinite_warmup_numbers_refused(option: str) -> None:
+    kwargs: dict = {option: float("inf")}
+    if option != "rampup_ratio":
+        kwargs["warmup"] = "power"
+    with pytest.raises(ValueError, match=rf"^{option} must be positive and finite; got inf"):
+        EMA(_model(), half_life="1000ba", **kwargs)
+
+
+def _trained(**kwargs: object) -> tuple[nn.Module, EMA]:
+    model = _model()
+    ema = EMA(model, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.step()
+        ema.step(model)
+    return model, ema
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "words"),
+    [
+        ({"half_life": "10ba"}, {"half_life": "20ba"}, "half_life: saved '10ba', now '20ba'"),
+        ({"half_life": "10ba"}, {"half_life": "10ep"}, "half_life: saved '10ba', now '10ep'"),
+        ({"smoothing": 0.9}, {"smoothing": 0.99}, "smoothing: saved 0.9, now 0.99"),
+        ({"half_life": "10ba"}, {"smoothing": 0.9}, "half_life: saved '10ba', now None"),
+        (
+            {"half_life": "4ba", "update_interval": "2ba"},
+            {"half_life": "4ba"},
+            "update_interval: saved '2ba', now '1ba'",
+        ),
+    ],
+)
+def test_resume_with_another_schedule_warns_and_the_constructor_wins(
+    saved: dict, now: dict, words: str
+) -> None:
+    model, before = _trained(**saved)
+    state = before.state_dict()
+    resumed = EMA(model, **now)
+    with pytest.warns(UserWarning, match="saved with another schedule") as caught:
+        resumed.load_state_dict(state)
+    assert words in str(caught[0].message), str(caught[0].message)
+    # the saved weights and progress are kept, the constructor's schedule applies
+    assert resumed.num_updates == before.num_updates
+    assert all(torch.equal(resumed.shadow[k], before.shadow[k]) for k in before.shadow)
+    assert resumed.controller.schedule.config() == EMA(_model(), **now).controller.schedule.config()
+
+
+def test_resume_with_the_same_schedule_is_silent() -> None:
+    import warnings
+
+    model, before = _trained(half_life="10ba", update_interval="1ba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EMA(model, half_life="10ba").load_state_dict(before.state_dict())
+
