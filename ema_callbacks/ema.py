@@ -200,6 +200,9 @@ class EMA:
         return clock
 
     def _advance(self, samples: Any, tokens: Any) -> None:
+        # Every argument is checked before anything is counted, so a refused call changes
+        # nothing.
+        counted: dict[str, int] = {}
         for unit, value, attr, arg in (
             (TimeUnit.SAMPLE, samples, "_samples", "samples"),
             (TimeUnit.TOKEN, tokens, "_tokens", "tokens"),
@@ -211,12 +214,14 @@ class EMA:
             if value is not None:
                 if needed and current is None and self._batch > 0:
                     raise ValueError(f"{arg}= must be passed from the first step() call on")
-                setattr(self, attr, (current or 0) + _count(value, arg))
+                counted[attr] = (current or 0) + _count(value, arg)
             elif needed:
                 raise ValueError(
                     f"this EMA counts '{unit.value}': pass {arg}= (the number in this "
                     f"step's batch) to every step() call"
                 )
+        for attr, total in counted.items():
+            setattr(self, attr, total)
         self._batch += 1
         self._batch_in_epoch += 1
 

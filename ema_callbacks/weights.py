@@ -732,17 +732,20 @@ class EMAWeights:
     def _all_finite(self) -> bool:
         """Whether every averaged source tensor is finite.
 
-        One fused 2-norm per group, accumulated in float32 (NaN and Inf propagate into it; an
-        fp16 norm could overflow, a float32 one only for weights above ~1e16), then one host
-        read per device: the price of the guard is one extra read of the weights.
+        One fused 2-norm per group, accumulated in float32 (float64 for float64 weights; NaN
+        and Inf propagate into it; an fp16 norm could overflow, a float32 one only for weights
+        above ~1e16), then one host read per device and norm dtype: the price of the guard is one extra read of the weights.
         ``ord=inf`` would be exact for huge values too, but is ~30x slower on CPU.
         """
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        per_device: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
         for group in (*self._groups, *self._mixed):
             srcs = [s for s in group.sources() if s.numel() > 0 and s.is_floating_point()]
-            if srcs:
-                norms = torch._foreach_norm(srcs, 2, dtype=torch.float32)
-                per_device.setdefault(srcs[0].device, []).extend(norms)
+            # float64 weights get a float64 norm (a float32 one would narrow them).
+            for wide in (False, True):
+                part = [s for s in srcs if (s.dtype == torch.float64) is wide]
+                if part:
+                    norms = torch._foreach_norm(part, 2, dtype=None if wide else torch.float32)
+                    per_device.setdefault((part[0].device, wide), []).extend(norms)
         return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in per_device.values())
 
     @torch.no_grad()

@@ -238,3 +238,41 @@ def test_resume_with_the_same_schedule_is_silent() -> None:
         warnings.simplefilter("error")
         EMA(model, half_life="10ba").load_state_dict(before.state_dict())
 
+
+# -- odd models and calls -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_nonfinite_guard_on_a_float64_model(policy: str) -> None:
+    from ema_callbacks import NonFiniteWeightsError
+
+    model = _model().double()
+    ema = EMA(model, half_life="2ba", nonfinite=policy)
+    ema.step(model)
+    with torch.no_grad():
+        model[0].weight.mul_(1e100)  # finite in float64, beyond float32: not a NaN/Inf
+    assert ema.step(model)
+    assert ema.num_skipped == 0 and ema.num_updates == 1
+    good = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    if policy == "skip":
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            assert not ema.step(model)
+        assert ema.num_skipped == 1
+    else:
+        with pytest.raises(NonFiniteWeightsError):
+            ema.step(model)
+    assert all(torch.equal(good[k], v) for k, v in ema.shadow.items())
+    assert all(v.dtype == torch.float64 for v in ema.shadow.values())
+
+
+def test_refused_step_counts_nothing() -> None:
+    model = _model()
+    ema = EMA(model, half_life="16sp")
+    ema.step(model, samples=4)
+    with pytest.raises(ValueError, match="^tokens must be a non-negative integer; got -1"):
+        ema.step(model, samples=4, tokens=-1)
+    assert ema.clock.sample == 4 and ema.clock.batch == 1
+    ema.step(model, samples=4)
+    assert ema.clock.sample == 8 and ema.clock.batch == 2
