@@ -183,8 +183,9 @@ class EMA(Algorithm):  # type: ignore[misc]
             :class:`~ema_callbacks.schedule.Schedule` (all off by default).
         include, exclude, trainable_only, buffers, dtype, device, nonfinite: which tensors
             and how, see :class:`~ema_callbacks.weights.EMAWeights` (default: trainable
-            parameters and averaged buffers, a float32 shadow for bf16/fp16 weights, updates
-            from NaN/Inf weights skipped).
+            parameters and averaged buffers, a float32 shadow for bf16/fp16 weights, and no
+            NaN/Inf check: ``nonfinite='skip'`` skips an update from non-finite weights,
+            ``'error'`` raises).
         final_weights: ``'ema'`` (default) or ``'training'``: what the model holds after
             ``fit`` (the primary EMA with several).
         eval_with_ema: evaluate and predict with the EMA weights (default True).
@@ -282,8 +283,9 @@ class EMA(Algorithm):  # type: ignore[misc]
                 "half_life is None but neither smoothing nor sigma_rel is given: pass a "
                 "half_life like '1000ba' or a smoothing like 0.999"
             )
-        if not isinstance(ema_start, Time):
-            Time.parse(ema_start, "ema_start")  # validated here so the message names it
+        # Validated here so the message names ema_start (the core knows it as start).
+        if Time.parse(ema_start, "ema_start").is_infinite:
+            raise ValueError(f"ema_start must be finite; got {ema_start!r}")
         folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
         self._options: dict[str, Any] = {
             "half_life": half_life,
@@ -334,6 +336,7 @@ class EMA(Algorithm):  # type: ignore[misc]
         self._outputs: dict[str, Any] = {}  # each profile's outputs for the current batch
         self._routed: nn.Module | None = None  # the model whose update_metric is routed
         self._snapshot_dir: Path | None = None
+        self._guarded: list[Any] = []  # callbacks whose run_event guards a checkpoint event
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._shown.items() if v is not None)
@@ -398,6 +401,8 @@ class EMA(Algorithm):  # type: ignore[misc]
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = state.model
         controller = self.controller
+        if self._guarded and event not in _CHECKPOINT_EVENTS:
+            self._unguard_checkpoint()
         if event == Event.EVAL_AFTER_FORWARD:
             self._forward_profiles(state)
         elif event in _TRAIN_EVENTS:
@@ -437,6 +442,7 @@ class EMA(Algorithm):  # type: ignore[misc]
                 self._swap_in(model, back)
         elif event in _CHECKPOINT_EVENTS:
             self._swap_in(model, controller.primary.name)
+            self._guard_checkpoint(state)
         elif event == Event.FIT_START:
             self._pinned = None
             self._resolve(state)
@@ -636,6 +642,40 @@ class EMA(Algorithm):  # type: ignore[misc]
 
         train._ema_guard = True  # type: ignore[attr-defined]
         model.__dict__["train"] = train
+
+    def _guard_checkpoint(self, state: State) -> None:
+        """While the EMA is in the model slot for a checkpoint, a guard on every callback's
+        ``run_event`` (an instance attribute, as for ``model.train``): an exception raised by
+        a callback at the checkpoint event (the ``CheckpointSaver`` writing, say) puts the
+        training weights back before it leaves the trainer. Removed at the next event this
+        algorithm sees."""
+        for callback in state.callbacks:
+            if "run_event" in callback.__dict__:
+                continue
+            original = callback.run_event
+
+            def run_event(
+                event: Event, st: State, logger: Logger, _original: Any = original
+            ) -> Any:
+                try:
+                    return _original(event, st, logger)
+                except BaseException:
+                    if event in _CHECKPOINT_EVENTS:
+                        self._unguard_checkpoint()
+                        self._pinned = self._held = None
+                        self.controller.exception(st.model)
+                    raise
+
+            run_event._ema_guard = True  # type: ignore[attr-defined]
+            callback.__dict__["run_event"] = run_event
+            self._guarded.append(callback)
+
+    def _unguard_checkpoint(self) -> None:
+        guarded, self._guarded = self._guarded, []
+        for callback in guarded:
+            hook = callback.__dict__.get("run_event")
+            if hook is not None and getattr(hook, "_ema_guard", False):
+                del callback.__dict__["run_event"]
 
     @staticmethod
     def _unguard(model: nn.Module) -> None:

@@ -114,6 +114,77 @@ def _snapshot_folder_option(
     return folder
 
 
+def _state_mapping(state: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``state[key]``, a mapping (absent or None: empty), or a ``ValueError`` naming it."""
+    value = state.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"the EMA state's {key!r} must be a mapping; got {value!r}")
+    return value
+
+
+def _tensors(state: Mapping[str, Any], key: str, where: str) -> dict[str, torch.Tensor]:
+    """``state[key]`` as ``{name: tensor}``, or a ``ValueError`` naming ``where + key``."""
+    value = state.get(key)
+    if value is None and key == "shadow":
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"the EMA state's '{where}{key}' must map weight names to tensors; got {value!r}"
+        )
+    for name, tensor in value.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                f"the EMA state's '{where}{key}' must map weight names to tensors; got "
+                f"{name!r}: {type(tensor).__name__}"
+            )
+    return dict(value)
+
+
+def _check_device(device: object) -> None:
+    """The shadow ``device`` option, checked at construction: a device this machine has.
+
+    CUDA is asked through ``torch.cuda.is_available()`` and ``device_count()``, which do not
+    initialise it; other accelerators by allocating an empty tensor there.
+    """
+    if device is None:
+        return
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be a torch device like 'cpu' or 'cuda:0', or None; got {device!r}"
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"device must be a torch device like 'cpu' or 'cuda:0'; got {device!r}"
+        ) from err
+    if dev.type == "cpu":
+        return
+    if dev.type == "meta":
+        raise ValueError(
+            f"device must hold real tensors (an EMA on 'meta' has no values); got {device!r}"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device={device!r} but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+        return
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as err:
+        raise ValueError(
+            f"device={device!r} is not usable here: this torch cannot allocate tensors on "
+            f"{dev.type!r}"
+        ) from err
+
+
 def profile_name(schedule: Schedule) -> str:
     """The default name of a profile, used as its metric prefix.
 
@@ -264,16 +335,14 @@ class EMAController:
                     f"{name} must be a glob pattern or a list of them; got {patterns!r}"
                 )
         _as_dtype(dtype)
-        if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(
-                    f"device must be a torch device like 'cpu' or 'cuda:0'; got {device!r}"
-                ) from err
+        _check_device(device)
         self.snapshot_schedule: Schedule | None = None
         if snapshot_every is not None:
-            self.snapshot_schedule = Schedule(smoothing=0.0, update_interval=snapshot_every)
+            self.snapshot_schedule = Schedule(
+                smoothing=0.0,
+                update_interval=snapshot_every,
+                names={"update_interval": "snapshot_every"},
+            )
             if not any(s.sigma_rel is not None for s in schedules):
                 raise ValueError(
                     f"snapshot_every={str(snapshot_every)!r} writes post-hoc EMA snapshots of "
@@ -912,24 +981,62 @@ class EMAController:
             loaded["training"] = dict(training)
         self.load_state_dict(loaded)
 
+    def _schedule_changes(self, saved: Mapping[str, Any]) -> list[str]:
+        """``'option: saved -> now'`` for every schedule option of a saved ``config`` (from
+        :meth:`config`) that differs from this controller's, per profile."""
+        mine = {p.name: p.schedule.config() for p in self.profiles}
+        theirs: dict[str, Any] = {}
+        if isinstance(saved.get("schedule"), Mapping):
+            theirs[self.primary.name] = saved["schedule"]
+        for item in saved.get("profiles") or []:
+            if isinstance(item, Mapping) and item.get("name") in mine:
+                theirs.setdefault(str(item["name"]), item)
+        changes = []
+        for name, config in theirs.items():
+            for key in _SCHEDULE_KEYS:
+                if key in config and config[key] != mine[name][key]:
+                    where = "" if len(self.profiles) == 1 else f"{name}."
+                    changes.append(f"{where}{key}: saved {config[key]!r}, now {mine[name][key]!r}")
+        return changes
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Before the shadows exist the tensors are kept and
         applied at ``fit_start``/``setup``; names are checked then. The saved profiles must be
         this controller's; a state with one profile (from a single-EMA run or another library)
         loads into the primary profile, and the other profiles start afresh (with a warning).
+
+        A state saved with other schedule options (another half-life, smoothing, unit,
+        interval, start or warm-up) loads, and the constructor's options win: the saved EMA
+        weights and progress carry on under them, with a ``UserWarning`` naming each option
+        that differs, saved and now.
+
+        >>> import warnings
+        >>> saved = EMAController.create(half_life='10ba').state_dict()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter('always')
+        ...     EMAController.create(half_life='20ba').load_state_dict(saved)
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        the EMA state being loaded was saved with another schedule (half_life: saved '10ba', now '20ba'): ...
         """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(
                 "not an ema_callbacks EMA state (expected a mapping with format="
                 f"{STATE_FORMAT!r}); got keys {sorted(state)[:8] if isinstance(state, Mapping) else type(state).__name__}"
             )
-        version = int(state.get("version", 0))
+        version = state.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"the EMA state's 'version' must be an integer; got {version!r}")
         if version > STATE_VERSION:
             raise ValueError(
                 f"EMA state version {version} is newer than this ema_callbacks understands "
                 f"({STATE_VERSION}); upgrade ema-callbacks"
             )
-        extra = dict(state.get("profiles") or {})
+        extra = dict(_state_mapping(state, "profiles"))
+        for name, saved in extra.items():
+            if not isinstance(saved, Mapping):
+                raise ValueError(
+                    f"the EMA state's 'profiles.{name}' must be a mapping; got {saved!r}"
+                )
         ours = set(self.names[1:])
         if extra or len(self.profiles) > 1:
             missing, unexpected = sorted(ours - set(extra)), sorted(set(extra) - ours)
@@ -938,22 +1045,45 @@ class EMAController:
                     f"the saved EMA profiles {sorted(extra)} (besides the primary) are not this "
                     f"callback's {sorted(ours)}: missing {missing}, unexpected {unexpected}"
                 )
-            if not extra:
-                warnings.warn(
-                    f"the saved EMA state holds one EMA; it becomes {self.primary.name!r} and the "
-                    f"profiles {sorted(ours)} start afresh",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        items: list[tuple[EMAProfile, Mapping[str, Any]]] = [(self.primary, state)]
-        items += [(self.profile(name), extra[name]) for name in self.names[1:] if name in extra]
-        training = state.get("training")
-        self._loaded_aliases = {str(k): str(v) for k, v in dict(state.get("aliases") or {}).items()}
+        # Everything is read and checked before anything changes.
+        items: list[tuple[EMAProfile, ScheduleState, dict[str, torch.Tensor]]] = []
+        for p, saved, where in [(self.primary, state, "")] + [
+            (self.profile(name), extra[name], f"profiles.{name}.")
+            for name in self.names[1:]
+            if name in extra
+        ]:
+            schedule_state = ScheduleState.from_dict(
+                saved.get("schedule", {}), where=f"{where}schedule"
+            )
+            shadow = _tensors(saved, "shadow", where)
+            items.append((p, schedule_state, shadow))
+        training = _tensors(state, "training", "") if state.get("training") is not None else None
+        snapshot = ScheduleState.from_dict(state.get("snapshot") or {}, where="snapshot")
+        aliases = _state_mapping(state, "aliases")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise ValueError(f"the EMA state's 'aliases' must map names to names; got {aliases!r}")
+        changes = self._schedule_changes(_state_mapping(state, "config"))
+        if changes:
+            warnings.warn(
+                "the EMA state being loaded was saved with another schedule ("
+                + "; ".join(changes)
+                + "): its EMA weights and progress carry on under this EMA's options, the "
+                "constructor's, not the saved ones",
+                UserWarning,
+                stacklevel=2,
+            )
+        if len(self.profiles) > 1 and not extra:
+            warnings.warn(
+                f"the saved EMA state holds one EMA; it becomes {self.primary.name!r} and the "
+                f"profiles {sorted(ours)} start afresh",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._loaded_aliases = dict(aliases)
         was = self.active_profile
         self._swap_out_all()
-        for p, saved in items:
-            p.state = ScheduleState.from_dict(saved.get("schedule", {}))
-            shadow = dict(saved.get("shadow", {}))
+        for p, schedule_state, shadow in items:
+            p.state = schedule_state
             if p.weights is not None:
                 p.weights.load_state_dict(shadow)
             else:
@@ -963,7 +1093,7 @@ class EMAController:
             for p in self.profiles[1:]:
                 p.state = ScheduleState()
                 p.pending = None
-        self.snapshot_state = ScheduleState.from_dict(state.get("snapshot", {}))
+        self.snapshot_state = snapshot
         run = state.get("snapshot_run")
         if self.snapshot_schedule is not None and isinstance(run, str) and run:
             self.snapshot_run = run  # the same run, resumed

@@ -201,6 +201,9 @@ class EMA:
         return clock
 
     def _advance(self, samples: Any, tokens: Any) -> None:
+        # Every argument is checked before anything is counted, so a refused call changes
+        # nothing.
+        counted: dict[str, int] = {}
         for unit, value, attr, arg in (
             (TimeUnit.SAMPLE, samples, "_samples", "samples"),
             (TimeUnit.TOKEN, tokens, "_tokens", "tokens"),
@@ -212,12 +215,14 @@ class EMA:
             if value is not None:
                 if needed and current is None and self._batch > 0:
                     raise ValueError(f"{arg}= must be passed from the first step() call on")
-                setattr(self, attr, (current or 0) + _count(value, arg))
+                counted[attr] = (current or 0) + _count(value, arg)
             elif needed:
                 raise ValueError(
                     f"this EMA counts '{unit.value}': pass {arg}= (the number in this "
                     f"step's batch) to every step() call"
                 )
+        for attr, total in counted.items():
+            setattr(self, attr, total)
         self._batch += 1
         self._batch_in_epoch += 1
 
@@ -356,12 +361,28 @@ class EMA:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched weights."""
+        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched weights or a
+        malformed field."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"not an EMA state (expected a mapping); got {type(state).__name__}")
+        clock = state.get("clock", {})
+        if not isinstance(clock, Mapping):
+            raise ValueError(f"the EMA state's 'clock' must be a mapping; got {clock!r}")
+        counts: dict[str, int | None] = {}
+        for key in ("batch", "epoch", "batch_in_epoch", "samples", "tokens"):
+            value = clock.get(key, None if key in ("samples", "tokens") else 0)
+            if value is None and key in ("samples", "tokens"):
+                counts[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"the EMA state's 'clock.{key}' must be a non-negative integer; got {value!r}"
+                )
+            counts[key] = value
         self.controller.load_state_dict(state)
         self._snapshot_folder_checked = False
-        clock = dict(state.get("clock", {}))
-        self._batch = int(clock.get("batch", 0))
-        self._epoch = int(clock.get("epoch", 0))
-        self._batch_in_epoch = int(clock.get("batch_in_epoch", 0))
-        self._samples = clock.get("samples")
-        self._tokens = clock.get("tokens")
+        self._batch = int(counts["batch"] or 0)
+        self._epoch = int(counts["epoch"] or 0)
+        self._batch_in_epoch = int(counts["batch_in_epoch"] or 0)
+        self._samples = counts["samples"]
+        self._tokens = counts["tokens"]

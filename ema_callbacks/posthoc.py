@@ -95,7 +95,7 @@ def _gamma(sigma_rel: Any, name: str) -> float:
         )
     try:
         return sigma_rel_to_gamma(float(sigma_rel))
-    except (OverflowError, ZeroDivisionError) as err:
+    except (OverflowError, ZeroDivisionError, ValueError) as err:  # ValueError: below SIGMA_REL_MIN
         raise ValueError(
             f"{name} is too small to compute its power-function exponent (about "
             f"sigma_rel**-2); got {sigma_rel!r}"

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 WARMUPS = ("none", "tf", "power", "debias")
+SIGMA_REL_MIN = 1e-150  # the smallest sigma_rel whose exponent is computed in floats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """EDM2's relative standard deviation of a power-function EMA to its exponent ``gamma``.
 
     ``gamma`` is the largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2)`` (Karras et
-    al. 2024, Eq. 126 / Algorithm 2); ``0 < sigma_rel < sqrt(1/12) ~ 0.2887``.
+    al. 2024, Eq. 126 / Algorithm 2); ``0 < sigma_rel < sqrt(1/12) ~ 0.2887``, and at least
+    ``SIGMA_REL_MIN`` (1e-150: below it ``sigma_rel**-2`` overflows).
 
     >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
@@ -158,6 +160,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     if not 0.0 < sigma_rel < limit:
         raise ValueError(
             f"sigma_rel must be between 0 and {limit:.4f} (exclusive); got {sigma_rel!r}"
+        )
+    if sigma_rel < SIGMA_REL_MIN:
+        raise ValueError(
+            f"sigma_rel must be at least {SIGMA_REL_MIN:g} (the exponent of a smaller one, about "
+            f"1/sigma_rel, is beyond what floats compute); got {sigma_rel!r}"
         )
     t = sigma_rel**-2
 
@@ -188,7 +195,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     """
     if gamma <= -1:
         raise ValueError(f"gamma must be greater than -1; got {gamma!r}")
-    return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
+    # Written so that no intermediate overflows for a huge gamma.
+    return math.sqrt((gamma + 1.0) / (gamma + 3.0)) / (gamma + 2.0)
 
 
 def power_function_smoothing(now: float, elapsed: float, gamma: float) -> float:
@@ -252,6 +260,20 @@ _CLOCK_FIELDS = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _progress(key: str, value: float) -> float:
+    """A progress count as a :class:`Clock` holds it: an ``int`` for the integral units
+    (``ba``, ``sp``, ``tok``, also as ``start_ba``...), a ``float`` otherwise, so a state
+    read back (or rebuilt on resume) has the types of the one written."""
+    unit = key.removeprefix("start_")
+    if unit in ("ba", "sp", "tok") and float(value).is_integer():
+        return int(value)
+    return float(value)
+
+
 @dataclass
 class ScheduleState:
     """What a schedule remembers between events; JSON-friendly so any trainer can store it.
@@ -278,15 +300,53 @@ class ScheduleState:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ScheduleState:
-        # Fields added later are read with defaults so old checkpoints keep loading.
+    def from_dict(cls, data: Mapping[str, Any], where: str = "schedule") -> ScheduleState:
+        """Read :meth:`to_dict`'s output; fields added later are read with defaults so old
+        checkpoints keep loading. Raises ``ValueError`` naming the field (``where`` names the
+        mapping) when the data is not such a state.
+
+        >>> ScheduleState.from_dict(None)
+        Traceback (most recent call last):
+        ...
+        ValueError: the EMA state's 'schedule' must be a mapping; got None
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"the EMA state's {where!r} must be a mapping; got {data!r}")
+        last = data.get("last", {})
+        if not isinstance(last, Mapping) or not all(
+            _is_number(v) and not math.isnan(v) for v in last.values()
+        ):
+            raise ValueError(
+                f"the EMA state's '{where}.last' must map units to numbers; got {last!r}"
+            )
+        for key, kind in (
+            ("started", bool),
+            ("num_updates", int),
+            ("num_skipped", int),
+            ("bias_product", float),
+            ("smoothing", float),
+        ):
+            value = data.get(key)
+            ok = (
+                value is None
+                or (kind is bool and isinstance(value, bool))
+                or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+                or (kind is float and _is_number(value))
+            )
+            if not ok or (kind is int and value is not None and value < 0):
+                rule = {bool: "True or False", int: "a non-negative integer", float: "a number"}
+                raise ValueError(
+                    f"the EMA state's '{where}.{key}' must be {rule[kind]}; got {value!r}"
+                )
+        bias_product = data.get("bias_product")
+        smoothing = data.get("smoothing")
         return cls(
             started=bool(data.get("started", False)),
-            last={str(k): float(v) for k, v in dict(data.get("last", {})).items()},
-            num_updates=int(data.get("num_updates", 0)),
-            num_skipped=int(data.get("num_skipped", 0)),
-            bias_product=float(data.get("bias_product", 1.0)),
-            smoothing=None if data.get("smoothing") is None else float(data["smoothing"]),
+            last={str(k): _progress(str(k), v) for k, v in last.items()},
+            num_updates=int(data.get("num_updates") or 0),
+            num_skipped=int(data.get("num_skipped") or 0),
+            bias_product=1.0 if bias_product is None else float(bias_product),
+            smoothing=None if smoothing is None else float(smoothing),
         )
 
 
@@ -297,6 +357,11 @@ class Update:
     weight: float
     smoothing: float
     initialise: bool
+
+
+def _as_typed(value: Any) -> str:
+    """``value`` quoted as the user typed it (a string as is, a :class:`Time` as its string)."""
+    return repr(value) if isinstance(value, str) else repr(str(value))
 
 
 def _number(value: Any, name: str) -> float:
@@ -322,6 +387,9 @@ class Schedule:
     ``1-(1+t/warmup_gamma)^-warmup_power`` (timm, diffusers); ``'debias'`` is optax's zero-init
     EMA with bias correction. ``rampup_ratio`` is EDM2's ramp: the half-life is at most this
     fraction of the progress since start.
+
+    ``names`` renames options in error messages, for callers whose users know them by another
+    name (``{'update_interval': 'snapshot_every'}``, ``{'start': 'ema_start'}``).
 
     >>> s = Schedule(half_life='50ba')
     >>> s.update_interval, s.half_life
@@ -349,7 +417,12 @@ class Schedule:
         warmup_gamma: float = 1.0,
         warmup_power: float = 2 / 3,
         rampup_ratio: float | None = None,
+        *,
+        names: Mapping[str, str] | None = None,
     ) -> None:
+        label = dict(names or {})
+        interval_name = label.get("update_interval", "update_interval")
+        start_name = label.get("start", "start")
         given = {
             k: v
             for k, v in (
@@ -397,14 +470,14 @@ class Schedule:
                 update_interval = Time(1, self.half_life.unit)
             else:
                 update_interval = Time(1, TimeUnit.BATCH)
-        self.update_interval = Time.parse(update_interval, "update_interval")
+        self.update_interval = Time.parse(update_interval, interval_name)
         if self.update_interval.value == 0 or self.update_interval.is_infinite:
             raise ValueError(
-                f"update_interval must be positive and finite; got '{self.update_interval}'"
+                f"{interval_name} must be positive and finite; got {_as_typed(update_interval)}"
             )
-        self.start = Time.parse(start, "start")
+        self.start = Time.parse(start, start_name)
         if self.start.is_infinite:
-            raise ValueError(f"start must be finite; got '{self.start}'")
+            raise ValueError(f"{start_name} must be finite; got {_as_typed(start)}")
 
         if not isinstance(warmup, str):
             raise TypeError(f"warmup must be one of {WARMUPS}; got {warmup!r}")
@@ -417,18 +490,18 @@ class Schedule:
             )
         self.warmup = warmup
         self.warmup_gamma = _number(warmup_gamma, "warmup_gamma")
-        if self.warmup_gamma <= 0:
-            raise ValueError(f"warmup_gamma must be positive; got {warmup_gamma!r}")
+        if not 0 < self.warmup_gamma < math.inf:
+            raise ValueError(f"warmup_gamma must be positive and finite; got {warmup_gamma!r}")
         self.warmup_power = _number(warmup_power, "warmup_power")
-        if self.warmup_power <= 0:
-            raise ValueError(f"warmup_power must be positive; got {warmup_power!r}")
+        if not 0 < self.warmup_power < math.inf:
+            raise ValueError(f"warmup_power must be positive and finite; got {warmup_power!r}")
         self.rampup_ratio: float | None = None
         if rampup_ratio is not None:
             if self.half_life is None:
                 raise ValueError("rampup_ratio needs a half_life (it caps the half-life)")
             self.rampup_ratio = _number(rampup_ratio, "rampup_ratio")
-            if self.rampup_ratio <= 0:
-                raise ValueError(f"rampup_ratio must be positive; got {rampup_ratio!r}")
+            if not 0 < self.rampup_ratio < math.inf:
+                raise ValueError(f"rampup_ratio must be positive and finite; got {rampup_ratio!r}")
 
     # -- introspection --------------------------------------------------------------------
 

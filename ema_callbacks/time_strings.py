@@ -13,11 +13,19 @@ Units (case-insensitive):
 ``dur``  fraction of the planned run, between 0 and 1
 =======  ==========================================================================
 
-The value is a plain decimal number, optionally in scientific notation (``'3e4tok'``), or
-``inf``. Rejected, each with a ``ValueError`` that names the parameter and quotes the input:
-an empty or non-numeric value, a negative value, NaN, whitespace anywhere, an unknown unit, a
-wall-clock unit (``'30s'``, ``'2h'``: the EMA follows training progress, not the clock), a
-non-integer ``ba``/``sp``/``tok`` and a ``dur`` above 1. A value of the wrong type (a number,
+The value is a plain decimal number in ASCII, optionally in scientific notation
+(``'3e4tok'``), or ``inf``. It is read exactly, never through a float: ``'9007199254740993ba'``
+is that integer, and ``'1.0000000000000001ba'`` or ``'1e-400ba'`` are not whole numbers. A
+fractional ``ep``/``dur`` value must be one a float holds as typed, that is the float's exact
+value or the shortest decimal Python prints for it (``'0.1ep'``, ``'0.333ep'``), so
+``str(Time.parse(s))`` means what ``s`` means; ``'1.0000000000000001ep'`` (a float rounds it
+to 1) and ``'1e-400ep'`` (below every float) are refused rather than rounded; 15 significant
+digits always fit.
+Rejected, each with a ``ValueError`` that names the parameter and quotes the input: an empty,
+non-numeric or non-ASCII value (``'2e6to\\u212a'``, a Kelvin sign), a negative value, NaN,
+whitespace anywhere, an unknown unit, a wall-clock unit (``'30s'``, ``'2h'``: the EMA follows
+training progress, not the clock), a non-integer ``ba``/``sp``/``tok``, a value beyond the
+float range and a ``dur`` above 1. A value of the wrong type (a number,
 ``None``) raises ``TypeError``.
 
 >>> t = Time.parse('3e4tok')
@@ -27,6 +35,12 @@ non-integer ``ba``/``sp``/``tok`` and a ``dur`` above 1. A value of the wrong ty
 '30000tok'
 >>> Time.parse(str(Time.parse('0.25EP'))) == Time.parse('0.25ep')
 True
+>>> Time.parse('9007199254740993ba').value
+9007199254740993
+>>> Time.parse('1.0000000000000001ba', 'half_life')
+Traceback (most recent call last):
+...
+ValueError: half_life in 'ba' must be a whole number; got '1.0000000000000001ba'
 """
 
 from __future__ import annotations
@@ -34,7 +48,9 @@ from __future__ import annotations
 import enum
 import math
 import re
+import sys
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = [
     "Time",
@@ -69,6 +85,51 @@ _WALL_CLOCK = ("sec", "s", "ms", "m", "min", "h", "hr", "d")
 _NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf(?:inity)?")
 _SPLIT = re.compile(r"(?P<number>[+-]?(?:inf(?:inity)?|[^a-z]*(?:e[+-]?[0-9]+)?))(?P<unit>[a-z]*)")
 _EXAMPLE = "a time string like '1000ba', '1ep', '0.25ep', '2e6tok' or '0.1dur'"
+_DECIMAL = re.compile(r"(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?:e(?P<exp>[+-]?[0-9]+))?")
+_MAX_DIGITS = 800  # every float's exact decimal expansion has fewer significant digits
+
+
+class _OutOfRange(Exception):
+    """A decimal beyond every float: ``large``, or positive but too small or too finely
+    spelled to be a whole number or a float."""
+
+    def __init__(self, large: bool) -> None:
+        super().__init__()
+        self.large = large
+
+
+def _exact_value(number: str) -> Fraction:
+    """The exact value of a plain decimal ``number`` (``'2.5e3'``), computed without floats.
+
+    Raises :class:`_OutOfRange` before building any big integer, so ``'1e999999999'`` costs
+    nothing.
+    """
+    match = _DECIMAL.fullmatch(number)
+    assert match is not None  # _NUMBER matched already
+    frac = match.group("frac") or ""
+    digits = ((match.group("int") or "") + frac).lstrip("0")
+    if not digits:
+        return Fraction(0)
+    exp_text = (match.group("exp") or "0").lstrip("+")
+    if len(exp_text.lstrip("-")) > 6:
+        raise _OutOfRange(large=not exp_text.startswith("-"))
+    significant = digits.rstrip("0")
+    shift = int(exp_text) - len(frac) + (len(digits) - len(significant))
+    order = len(significant) + shift  # 10 ** (order - 1) <= value < 10 ** order
+    if order > 310:
+        raise _OutOfRange(large=True)
+    if order < -330 or len(significant) > _MAX_DIGITS:
+        raise _OutOfRange(large=False)
+    return Fraction(int(significant)) * Fraction(10) ** shift
+
+
+def _float_spelled(exact: Fraction) -> float | None:
+    """The float that ``exact`` spells: the float equal to it, or the one whose shortest
+    decimal (``repr``) it is; ``None`` if there is none (too many digits, underflow)."""
+    value = float(exact)
+    if Fraction(value) == exact or Fraction(repr(value)) == exact:
+        return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -100,6 +161,8 @@ class Time:
         value = self.value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"Time value must be a number; got {value!r}")
+        if isinstance(value, int) and value > sys.float_info.max:
+            raise ValueError(f"Time value is too large to represent; got {value!r}")
         if math.isnan(value) or value < 0:
             raise ValueError(f"Time value must be a non-negative number; got {value!r}")
         if unit.integral and not math.isinf(value):
@@ -135,6 +198,8 @@ class Time:
             raise ValueError(f"{name} must be {_EXAMPLE}; got an empty string")
         if any(ch.isspace() for ch in text):
             raise ValueError(f"{name} must not contain whitespace; got {text!r}")
+        if not text.isascii():
+            raise ValueError(f"{name} must be {_EXAMPLE}, in ASCII characters; got {text!r}")
         lower = text.lower()
         if lower.lstrip("+-").startswith("nan"):
             raise ValueError(f"{name} must be a number, not NaN; got {text!r}")
@@ -164,14 +229,36 @@ class Time:
             raise ValueError(f"{name} needs a number before the unit; got {text!r}")
         if not _NUMBER.fullmatch(number):
             raise ValueError(f"{name} must be {_EXAMPLE}; got {text!r}")
-        value = float(number)
-        if math.isinf(value) and not number.startswith("inf"):
-            raise ValueError(f"{name} is too large to represent; got {text!r}")
         unit = _UNITS[unit_text]
-        if unit.integral and not math.isinf(value) and value != int(value):
-            raise ValueError(f"{name} in '{unit.value}' must be a whole number; got {text!r}")
-        if unit is TimeUnit.DURATION and value > 1:
+        if number.startswith("inf"):
+            if unit is TimeUnit.DURATION:
+                raise ValueError(f"{name} in 'dur' must be between 0 and 1; got {text!r}")
+            return cls(math.inf, unit)
+        inexact = (
+            f"{name} must be a number a float holds as typed (a float would round it; 15 "
+            f"significant digits always fit); got {text!r}"
+        )
+        try:
+            exact = _exact_value(number)
+        except _OutOfRange as err:
+            if err.large:
+                raise ValueError(f"{name} is too large to represent; got {text!r}") from None
+            if unit.integral:
+                raise ValueError(
+                    f"{name} in '{unit.value}' must be a whole number; got {text!r}"
+                ) from None
+            raise ValueError(inexact) from None
+        if exact > sys.float_info.max:
+            raise ValueError(f"{name} is too large to represent; got {text!r}")
+        if unit.integral:
+            if exact.denominator != 1:
+                raise ValueError(f"{name} in '{unit.value}' must be a whole number; got {text!r}")
+            return cls(int(exact), unit)
+        if unit is TimeUnit.DURATION and exact > 1:
             raise ValueError(f"{name} in 'dur' must be between 0 and 1; got {text!r}")
+        value = _float_spelled(exact)
+        if value is None:
+            raise ValueError(inexact)
         return cls(value, unit)
 
     @property

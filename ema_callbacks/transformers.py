@@ -83,7 +83,9 @@ _TOKENS_HINT = (
     "the Trainer counts tokens only with TrainingArguments(include_num_input_tokens_seen=True) "
     "(or 'all' / 'non_padding'); set it, or give the time in 'ba', 'ep', 'sp' or 'dur'"
 )
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A safe file-name component: it names checkpoint-N/{name}_state.* and {name}_snapshots.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NAME_MAX = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,9 +640,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
                 raise TypeError(
                     f"{arg} must be a string like 'float32' / 'cpu' or None; got {value!r}"
                 )
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a string like 'ema'; got {name!r}")
+        if not _NAME.fullmatch(name) or len(name) > _NAME_MAX:
             raise ValueError(
-                f"name must be letters, digits, '_', '.' or '-' (it names files); got {name!r}"
+                "name must be a file-name component of at most "
+                f"{_NAME_MAX} letters, digits, '_', '.' or '-', not starting with '.' or '-' "
+                f"(it names checkpoint files); got {name!r}"
             )
         if snapshot_every is not None and not isinstance(snapshot_every, str):
             raise TypeError(

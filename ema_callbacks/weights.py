@@ -161,7 +161,14 @@ def _as_patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...
 
 
 def _as_dtype(value: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
+    if value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():  # an integer, bool or float8 EMA cannot average
+            raise ValueError(
+                f"{name} must be a floating dtype ({', '.join(sorted(_DTYPES))}) or None; "
+                f"got {value!r}"
+            )
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
@@ -399,6 +406,7 @@ class EMAWeights:
             str, tuple[Any, tuple[Any, ...], torch.Size, tuple[int, ...]]
         ] = {}
 
+        self._check_patterns(model)
         entries = self._select(model)
         if not entries:
             raise ValueError(
@@ -430,6 +438,24 @@ class EMAWeights:
         return not (
             self.exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
         )
+
+    def _check_patterns(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming every ``include``/``exclude`` pattern that matches no
+        weight of ``model`` (a typo would otherwise silently track everything, or nothing)."""
+        root = unwrap_model(model)
+        names = {normalize_name(n) for n, _ in root.named_parameters(remove_duplicate=False)}
+        names |= {normalize_name(n) for n, _ in root.named_buffers(remove_duplicate=False)}
+        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
+            unmatched = [
+                p for p in patterns or () if not any(fnmatch.fnmatchcase(n, p) for n in names)
+            ]
+            if unmatched:
+                shown = ", ".join(repr(p) for p in unmatched)
+                example = ", ".join(repr(n) for n in sorted(names)[:5])
+                raise ValueError(
+                    f"{option} pattern {shown} matches no weight of the model (names are "
+                    f"normalised, e.g. {example}{', ...' if len(names) > 5 else ''})"
+                )
 
     def _select(self, model: nn.Module) -> list[_Entry]:
         root = unwrap_model(model)
@@ -706,17 +732,20 @@ class EMAWeights:
     def _all_finite(self) -> bool:
         """Whether every averaged source tensor is finite.
 
-        One fused 2-norm per group, accumulated in float32 (NaN and Inf propagate into it; an
-        fp16 norm could overflow, a float32 one only for weights above ~1e16), then one host
-        read per device: the price of the guard is one extra read of the weights.
+        One fused 2-norm per group, accumulated in float32 (float64 for float64 weights; NaN
+        and Inf propagate into it; an fp16 norm could overflow, a float32 one only for weights
+        above ~1e16), then one host read per device and norm dtype: the price of the guard is one extra read of the weights.
         ``ord=inf`` would be exact for huge values too, but is ~30x slower on CPU.
         """
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        per_device: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
         for group in (*self._groups, *self._mixed):
             srcs = [s for s in group.sources() if s.numel() > 0 and s.is_floating_point()]
-            if srcs:
-                norms = torch._foreach_norm(srcs, 2, dtype=torch.float32)
-                per_device.setdefault(srcs[0].device, []).extend(norms)
+            # float64 weights get a float64 norm (a float32 one would narrow them).
+            for wide in (False, True):
+                part = [s for s in srcs if (s.dtype == torch.float64) is wide]
+                if part:
+                    norms = torch._foreach_norm(part, 2, dtype=None if wide else torch.float32)
+                    per_device.setdefault((part[0].device, wide), []).extend(norms)
         return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in per_device.values())
 
     @torch.no_grad()

@@ -50,6 +50,14 @@ def test_signature_starts_with_composers_arguments_and_defaults() -> None:
         ({"final_weights": "best"}, ValueError, ["final_weights", "'best'"]),
         ({"warmup": "linear"}, ValueError, ["warmup", "'linear'"]),
         ({"nonfinite": "raise"}, ValueError, ["nonfinite", "'raise'"]),
+        # Issue 15: these were OverflowError, accepted-then-NotImplementedError, AssertionError
+        # and RuntimeError.
+        ({"sigma_rel": 1e-160}, ValueError, ["sigma_rel", "1e-160"]),
+        ({"dtype": torch.int64}, ValueError, ["dtype", "torch.int64"]),
+        ({"dtype": torch.bool}, ValueError, ["dtype", "torch.bool"]),
+        ({"device": "meta"}, ValueError, ["device", "'meta'"]),
+        ({"device": "cuda:99"}, ValueError, ["device", "'cuda:99'"]),
+        ({"device": "xla"}, ValueError, ["device", "'xla'"]),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict, error: type, words: list[str]) -> None:
@@ -151,3 +159,36 @@ def test_train_with_ema_weights_trains_on_the_average() -> None:
     for ema, training in zip(rec.ema[1:], rec.training[1:], strict=True):
         assert ema is not None and all(torch.equal(ema[k], training[k]) for k in ema)
     assert not torch.equal(rec.training[-1]["0.weight"], plain.training[-1]["0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "typed"),
+    [
+        ({"ema_start": "infba"}, "ema_start", "'infba'"),
+        ({"ema_start": "Infinityba"}, "ema_start", "'Infinityba'"),
+        ({"update_interval": "+0ba"}, "update_interval", "'+0ba'"),
+        ({"sigma_rel": 0.1, "snapshot_every": "0ba"}, "snapshot_every", "'0ba'"),
+        ({"sigma_rel": 0.1, "snapshot_every": "Infinityba"}, "snapshot_every", "'Infinityba'"),
+    ],
+)
+def test_message_names_the_parameter_typed(kwargs: dict, name: str, typed: str) -> None:
+    # Issue 15: snapshot_every was reported as update_interval, ema_start as start, and the
+    # values quoted normalised ('0ba', 'infba') rather than as typed.
+    with pytest.raises(ValueError) as info:
+        EMA(**kwargs)
+    assert str(info.value).startswith(f"{name} "), str(info.value)
+    assert typed in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"exclude": "typo.*"}, "exclude pattern 'typo.*' matches no weight"),
+        ({"include": ["*weight", "nomatch"]}, "include pattern 'nomatch' matches no weight"),
+    ],
+)
+def test_pattern_matching_nothing_is_refused_when_the_model_is_bound(
+    kwargs: dict, words: str
+) -> None:
+    with pytest.raises(ValueError, match=words.replace("*", r"\*").replace(".", r"\.")):
+        run(EMA(half_life="4ba", **kwargs), "2ba", eval_interval=None)

@@ -174,3 +174,63 @@ def test_reused_algorithm_gives_the_model_its_training_weights_back() -> None:
     run(algo, "4ba", eval_interval=None, model=model, fit=False)
     assert same(model_tensors(model), first.training[-1])
     assert not algo.controller.started
+
+
+class LastTraining(Callback):
+    """The training weights at the latest BATCH_END (after the algorithms ran); its state
+    holds a lambda, which the CheckpointSaver cannot pickle, so every checkpoint write fails
+    inside the saver."""
+
+    def __init__(self) -> None:
+        self.training: dict[str, torch.Tensor] = {}
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.training = model_tensors(state.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unpicklable": lambda: None}
+
+
+@pytest.mark.parametrize("algo_cls", [EMA, ComposerEMA], ids=["ours", "composer"])
+def test_exception_in_the_checkpoint_saver_leaves_training_weights(
+    algo_cls: Any, tmp_path: Any
+) -> None:
+    # Issue 15: the CheckpointSaver runs while the EMA is in the model slot; if writing fails,
+    # the exception must not leave the EMA weights in the model being trained.
+    algo = algo_cls(half_life="4ba")
+    last = LastTraining()
+    model = make_model(0)
+    with pytest.raises(Exception, match="lambda|pickle") as info:
+        run(
+            algo,
+            "6ba",
+            eval_interval=None,
+            callbacks=[last],
+            model=model,
+            save_folder=str(tmp_path),
+            save_interval="3ba",
+        )
+    assert "save" in "".join(str(f) for f in info.traceback).lower()  # raised while writing
+    now = model_tensors(model)
+    if algo_cls is EMA:
+        assert same(now, last.training)
+        assert algo.controller.weights_active == "training"
+        assert not algo._guarded and "run_event" not in last.__dict__
+    else:
+        assert algo.ema_weights_active is True  # Composer's own EMA leaves its EMA in
+        assert not same(now, last.training)
+
+
+def test_checkpoint_guard_removes_itself(tmp_path: Any) -> None:
+    algo = EMA(half_life="4ba")
+    trainer, _ = run(
+        algo,
+        "6ba",
+        eval_interval=None,
+        save_folder=str(tmp_path),
+        save_interval="3ba",
+        save_filename="ba{batch}.pt",
+    )
+    assert os.path.exists(os.path.join(tmp_path, "ba3.pt"))
+    assert not algo._guarded
+    assert all("run_event" not in cb.__dict__ for cb in trainer.state.callbacks)

@@ -152,7 +152,7 @@ def test_names_and_construction_errors() -> None:
         ({"eval_all": True, "eval_with_ema": False}, ValueError, "eval_with_ema=True"),
         ({"eval_all": "yes"}, TypeError, "eval_all must be"),
         ({"half_life": "10ba", "snapshot_every": "10ba"}, ValueError, "no(ne)?.*sigma_rel"),
-        ({"sigma_rel": 0.1, "snapshot_every": "0ba"}, ValueError, "update_interval"),
+        ({"sigma_rel": 0.1, "snapshot_every": "0ba"}, ValueError, "^snapshot_every"),
         ({"sigma_rel": 0.1, "snapshot_dtype": "int8"}, ValueError, "snapshot_dtype"),
         ({"sigma_rel": 0.1, "snapshot_keep": 0}, ValueError, "snapshot_keep"),
         ({"half_life": ["1ba", "bad"]}, ValueError, "half_life"),

@@ -43,6 +43,13 @@ VALID = [
     ("+5ba", 5, BA, "5ba"),
     ("1e-05ep", 1e-05, EP, "1e-05ep"),
     ("1e0ba", 1, BA, "1ba"),
+    # Read exactly, not through a float (issue 15).
+    ("9007199254740993ba", 9007199254740993, BA, "9007199254740993ba"),
+    ("12345678901234567890123tok", 12345678901234567890123, TOK, "12345678901234567890123tok"),
+    ("1.0000000000000001e16sp", 10000000000000001, SP, "10000000000000001sp"),
+    ("0.333ep", 0.333, EP, "0.333ep"),
+    ("5e-324ep", 5e-324, EP, "5e-324ep"),
+    ("0e999999999ba", 0, BA, "0ba"),
 ]
 
 INVALID = [
@@ -75,6 +82,17 @@ INVALID = [
     ("50ba!", ValueError, "time string like"),
     ("0x10ba", ValueError, "time string like"),
     ("1e400ba", ValueError, "too large"),
+    # Issue 15: ASCII only, and no value silently rounded.
+    ("2e6to\u212a", ValueError, "ASCII"),  # a Kelvin sign, which lower() makes 'k'
+    ("1e-400ba", ValueError, "whole number"),
+    ("1.0000000000000001ba", ValueError, "whole number"),
+    ("1.0000000000000001ep", ValueError, "a float holds as typed"),
+    ("0.10000000000000001ep", ValueError, "a float holds as typed"),
+    ("1e-400ep", ValueError, "a float holds as typed"),
+    ("1.0000000000000001dur", ValueError, "between 0 and 1"),
+    ("1e99999999ba", ValueError, "too large"),
+    ("1e-99999999ep", ValueError, "a float holds as typed"),
+    ("1e309ep", ValueError, "too large"),
     (50, TypeError, "time string like"),
     (1.5, TypeError, "time string like"),
     (None, TypeError, "time string like"),
@@ -155,3 +173,25 @@ def test_generated_valid_strings_round_trip(
     t = Time.parse(number + unit)
     assert t.value == float(number)
     assert Time.parse(str(t)) == t
+
+
+@given(st.integers(min_value=0, max_value=10**300), st.sampled_from(["ba", "sp", "tok"]))
+def test_integers_are_read_exactly(value: int, unit: str) -> None:
+    assert Time.parse(f"{value}{unit}").value == value
+    # the same integer in scientific notation, with the digits moved behind the point
+    digits = str(value)
+    spelled = f"{digits[0]}.{digits[1:]}e{len(digits) - 1}" if len(digits) > 1 else digits
+    assert Time.parse(f"{spelled}{unit}").value == value
+
+
+@given(st.integers(min_value=1, max_value=10**20), st.integers(min_value=1, max_value=40))
+def test_a_fraction_is_never_a_whole_number(whole: int, places: int) -> None:
+    # whole + 10**-places is not an integer however close it is
+    text = f"{whole}.{'0' * (places - 1)}1ba"
+    with pytest.raises(ValueError, match="whole number"):
+        Time.parse(text)
+
+
+@given(st.floats(min_value=0, max_value=1e300, allow_nan=False, allow_infinity=False))
+def test_every_float_spelled_by_repr_is_taken(value: float) -> None:
+    assert Time.parse(f"{value!r}ep").value == value

@@ -75,6 +75,8 @@ def test_include_exclude_and_frozen() -> None:
     assert only.names == ["3.bias", "3.weight"]
     assert "3.bias" not in EMAWeights(model, exclude="*.bias").names
     with pytest.raises(ValueError, match="no weights to average"):
+        EMAWeights(model, include="1.running_*", buffers="ignore")
+    with pytest.raises(ValueError, match="include pattern 'nothing.*' matches no weight"):
         EMAWeights(model, include="nothing.*")
     with pytest.raises(TypeError, match="include must be a glob"):
         EMAWeights(model, include=3)  # type: ignore[arg-type]
