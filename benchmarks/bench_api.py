@@ -142,6 +142,13 @@ def controller_us(rounds: int) -> float:
     return best * 1e6
 
 
+# Written before every timed call, so that every row starts with cold caches, as an EMA update
+# does after the optimizer step (without it, the row after the floor paid for the floor's
+# evictions and the rows after it found the shared weights warm: EMA.step measured ~20% above
+# the same update_ call on a 2,000-tensor model).
+_FLUSH = torch.empty(32 * 2**20)  # 128 MiB, 4x this machine's L3
+
+
 def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, float]:
     for fn in fns.values():
         fn()
@@ -150,6 +157,7 @@ def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dic
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(rounds):
             for k, fn in fns.items():
+                _FLUSH.fill_(1.0)
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
@@ -176,7 +184,8 @@ def main() -> None:
         "",
         f"Run {datetime.date.today().isoformat()}: {platform.machine()}, torch "
         f"{torch.__version__}, {args.threads} threads, Python {platform.python_version()}; "
-        f"min of {args.repeats} interleaved medians of {args.rounds} calls. "
+        f"min of {args.repeats} interleaved medians of {args.rounds} calls, each call "
+        "after a 128 MiB write (cold caches, as after an optimizer step). "
         "x floor: time / the floor's time (swap: / `EMA.step`'s time).",
         "",
     ]
