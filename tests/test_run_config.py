@@ -245,9 +245,12 @@ def test_config_errors_name_file_and_key_before_anything_is_built(
         assert word in str(err)
 
 
-def test_unbroken_error_configs_do_reach_the_model(tmp_path: Path) -> None:
+def test_unbroken_error_configs_do_reach_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The configs above are valid but for the one edit: unedited, building the model is what
     fails (so the errors above were found before it)."""
+    monkeypatch.chdir(tmp_path)  # the default output folder, runs/..., is made here
     for text in (_LIGHTNING, _TRANSFORMERS):
         path = tmp_path / "run.yaml"
         path.write_text(text)
