@@ -187,6 +187,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order: ``run NAME --output-dir X trainer.max_epochs=1``
+    (plain argparse leaves the overrides after an option unrecognised)."""
+
+    _mixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def _run(args: argparse.Namespace) -> int:
     from ema_callbacks import run_config
 
@@ -373,6 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-o", "--output", help="with --print-config: the file to write (must not exist)"
     )
+    run.__class__ = _IntermixedParser
     run.set_defaults(func=_run)
 
     export = sub.add_parser(

@@ -513,6 +513,8 @@ class _Check:
             expected = f"an argument {what} accepts"
         detail = "" if union or single else " ".join(text.split())
         got = args.get(name, _MISSING) if name else dict(args)
+        if isinstance(got, bool) and "str" in expected:
+            detail = "YAML reads yes/no/on/off as true/false: quote a word, 'no'"
         return self.error(f"{key}.{name}" if name else key, expected, got, detail)
 
     def build(self, cls: Any, init_args: Mapping[str, Any], key: str) -> Any:
@@ -600,7 +602,8 @@ def _check_transformers(check: _Check, config: dict[str, Any]) -> None:
     check.spec(config.get("train_dataset", _MISSING), "train_dataset")
     check.spec(config.get("eval_dataset"), "eval_dataset", required=False)
     arguments = check.mapping(config.get("training_arguments"), "training_arguments")
-    check.arguments(TrainingArguments, arguments, "training_arguments", ("output_dir",))
+    skip = [] if "output_dir" in arguments else ["output_dir"]  # the runner gives one
+    check.arguments(TrainingArguments, arguments, "training_arguments", skip)
     for key, entry in check.entries(config.get("callbacks"), "callbacks"):
         check.spec(entry, key)
     for name in ("compute_metrics", "data_collator"):
