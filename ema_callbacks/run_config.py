@@ -661,7 +661,10 @@ def load_config(
     check = _Check(file)
     framework = config.get("framework", _MISSING)
     if framework not in FRAMEWORKS:
-        raise check.error("framework", "one of " + ", ".join(map(repr, FRAMEWORKS)), framework)
+        hint = "not a run config: those name their trainer" if framework is _MISSING else ""
+        raise check.error(
+            "framework", "one of " + ", ".join(map(repr, FRAMEWORKS)), framework, hint
+        )
     check.keys(config, _TOP_KEYS[framework])
     _require(framework, file)
     _CHECKS[framework](check, config)

@@ -1,5 +1,6 @@
 """``ema_callbacks.run_config`` (Lightning and transformers; Composer's are in tests/composer),
-the digits demos of ``ema_callbacks.examples`` and ``configs/ema_options.yaml``.
+the digits demos of ``ema_callbacks.examples``, the bundled configs (``ema_callbacks/configs``) and
+``ema-callbacks run``.
 
 Equivalences, not existence: a config run's final metrics are the EMA's metrics of the same run
 made by the demo; a demo's EMA rows are what the adapter's EMA weights give when swapped in;
@@ -40,7 +41,7 @@ from ema_callbacks.run_config import (
 )
 from ema_callbacks.transformers import EMATrainerCallback, load_ema_state
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "ema_callbacks" / "configs"
 
 
 class ExplodingModule(pl.LightningModule):

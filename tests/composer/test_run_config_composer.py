@@ -22,7 +22,7 @@ from ema_callbacks.run_config import ConfigError, load_config, run, train
 
 pytestmark = [pytest.mark.composer]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "ema_callbacks" / "configs"
 
 
 def explode(**kwargs: Any) -> None:
