@@ -377,6 +377,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--output-dir",
+        metavar="DIR",
         help="the run's folder (default: the config's own output path, else a new folder "
         "runs/NAME-TIME)",
     )
@@ -387,7 +388,10 @@ def _parser() -> argparse.ArgumentParser:
         help="write the config out (to stdout, or -o FILE) instead of running it",
     )
     run.add_argument(
-        "-o", "--output", help="with --print-config: the file to write (must not exist)"
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="with --print-config: the file to write (must not exist)",
     )
     run.__class__ = _IntermixedParser
     run.set_defaults(func=_run)
