@@ -1,5 +1,5 @@
 """Random token sequences for a causal language model, importable by ``class_path`` from a run
-config (``configs/transformers.yaml`` trains a tiny GPT-2 on them). Imports torch only.
+config (the bundled ``transformers`` config trains a tiny GPT-2 on them). Imports torch only.
 
 >>> data = RandomTokens(num_samples=4, seq_len=6, vocab_size=10, seed=0)
 >>> len(data), sorted(data[0]), tuple(data[0]['input_ids'].shape)

@@ -1,6 +1,6 @@
 """transformers digits example: a tiny ``PreTrainedModel`` MLP, datasets, metrics and the demo.
 
-Importable by ``class_path`` from a YAML config (``configs/transformers_digits.yaml``)::
+Importable by ``class_path`` from a YAML config (the bundled ``transformers_digits``)::
 
     model:
       class_path: ema_callbacks.examples.transformers_digits.DigitsMLP
