@@ -83,11 +83,6 @@ FRAMEWORKS = ("composer", "lightning", "transformers")
 #: The file :func:`train` writes in the run's folder: the model with the EMA weights in.
 EMA_WEIGHTS_FILE = "ema_weights.safetensors"
 
-_NEEDS = {
-    "composer": ("composer", "MosaicML Composer"),
-    "lightning": ("lightning", "Lightning"),
-    "transformers": ("transformers", "Hugging Face transformers"),
-}
 _TOP_KEYS = {
     "composer": [
         "framework",
@@ -344,18 +339,20 @@ def _apply_overrides(
 
 
 def _require(framework: str, path: Path) -> None:
-    module, name = _NEEDS[framework]
-    for needed, what in ((module, name), ("jsonargparse", "jsonargparse")):
+    """The trainer (its module is named like the framework) and jsonargparse are installed."""
+    for module, hint in (
+        (framework, f"ema-callbacks[{framework}]"),
+        ("jsonargparse", "jsonargparse[signatures]"),
+    ):
         try:
-            spec = importlib.util.find_spec(needed)
+            spec = importlib.util.find_spec(module)
             # a folder of that name on sys.path (a namespace package) is not the library
             found = spec is not None and spec.origin not in (None, "namespace")
         except (ImportError, ValueError):
             found = False
         if not found:
-            hint = f"ema-callbacks[{framework}]" if needed == module else "jsonargparse[signatures]"
             raise ImportError(
-                f"{path}: framework: {framework!r} needs {what}, which is not installed: "
+                f"{path}: framework: {framework!r} needs {module}, which is not installed: "
                 f'pip install "{hint}"'
             )
 

@@ -428,6 +428,9 @@ def test_run_keeps_its_folder_and_reports_metrics_checkpoints_and_the_ema(
     """Default folder runs/NAME-TIME in the working directory, printed first; the EMA weights
     written there are what ``ema-callbacks export`` takes out of the last checkpoint, and they
     load into the model."""
+    readme = (REPO / "README.md").read_text()
+    assert "ema-callbacks run lightning_digits trainer.max_epochs=1 " in readme  # as run here
+    assert "ema-callbacks run --list " in readme  # run in test_run_list_and_print_config
     monkeypatch.chdir(tmp_path)
     assert main(["run", "lightning_digits", "trainer.max_epochs=1"]) == 0
     out = capsys.readouterr().out
