@@ -148,7 +148,7 @@ def test_composer_config_errors_name_file_and_key_before_anything_is_built(
     path.write_text(_COMPOSER)  # unedited, building the model is what fails
     load_config(path)
     with pytest.raises(AssertionError, match="built although"):
-        run(path)
+        run(path, output_dir=tmp_path / "out")
 
 
 def test_ema_options_reference_lists_every_composer_option_with_its_default() -> None:
