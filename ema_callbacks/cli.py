@@ -3,8 +3,8 @@
 ========================  ==================================================================
 ``demo``                  train on scikit-learn's digits with every installed trainer; raw vs
                           EMA accuracy and loss per trainer, and a PNG plot of the curves
-``run CONFIG.yaml``       run a training described by a YAML file (Composer, Lightning or
-                          transformers; the file's ``framework:`` key says which)
+``run CONFIG``            run a training described by a YAML file or a bundled example
+                          (Composer, Lightning or transformers; ``run --list`` names them)
 ``export CHECKPOINT``     write the EMA weights of a Composer, Lightning or transformers
                           checkpoint as a plain safetensors state dict
 ``halflife``              convert between a per-update smoothing (decay) and a half-life
@@ -187,12 +187,61 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ema_callbacks.run_config import run
+class _IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order: ``run NAME --output-dir X trainer.max_epochs=1``
+    (plain argparse leaves the overrides after an option unrecognised)."""
 
-    metrics = run(args.config)
-    for key, value in sorted(metrics.items()):
-        print(f"{key}: {value}")
+    _mixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ema_callbacks import run_config
+
+    if args.list:
+        if args.config is not None or args.overrides:
+            raise ValueError("--list takes no config and no overrides")
+        for name, path in run_config.bundled_configs().items():
+            print(f"{name}: {run_config.describe_config(path)}")
+        return 0
+    if args.config is None:
+        raise ValueError("run needs a config: a YAML file or a bundled name (see run --list)")
+    if args.output is not None and not args.print_config:
+        raise ValueError("-o/--output is for --print-config; the run's folder is --output-dir")
+    if args.print_config:
+        if args.overrides:
+            raise ValueError("--print-config writes the file as it is: give no overrides")
+        text = run_config.find_config(args.config).read_text(encoding="utf-8")
+        if args.output is None:
+            print(text, end="")
+            return 0
+        from pathlib import Path
+
+        from ema_callbacks.files import atomic_write
+
+        if Path(args.output).exists():
+            raise ValueError(f"-o {args.output}: exists; choose a new file")
+        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        print(f"config: {args.output}")
+        return 0
+    config = run_config.load_config(args.config, args.overrides)
+    folder = run_config.output_folder(config, args.output_dir)
+    print(f"output_dir: {folder}", flush=True)
+    result = run_config.train(config, folder)
+    for key, value in sorted(result.metrics.items()):
+        print(f"{key}: {value:g}")
+    print(f"checkpoints: {result.checkpoints if result.checkpoints else '(none written)'}")
+    if result.last_checkpoint is not None:
+        print(f"last_checkpoint: {result.last_checkpoint}")
+    print(f"ema_weights: {result.ema_weights if result.ema_weights else '(the EMA never started)'}")
     return 0
 
 
@@ -305,8 +354,46 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--trainers", nargs="*", help="only these (plain always runs)")
     demo.set_defaults(func=_demo)
 
-    run = sub.add_parser("run", parents=[common], help="run a training described by a YAML file")
-    run.add_argument("config")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a training described by a YAML file (or a bundled example config)",
+        description=(
+            "Check a run config (Composer, Lightning or transformers: its 'framework' key says "
+            "which) against the trainer's own signatures, then train, keeping what the run "
+            "writes: checkpoints and the EMA weights as safetensors. --list names the bundled "
+            "examples; --print-config writes one out to start your own."
+        ),
+    )
+    run.add_argument(
+        "config", nargs="?", help="a YAML file, or a bundled config's name (see --list)"
+    )
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="replace a value by dotted key, read as YAML: trainer.max_epochs=1, "
+        "training_arguments.learning_rate=0.01, trainer.callbacks[0].init_args.half_life=1ep",
+    )
+    run.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="the run's folder (default: the config's own output path, else a new folder "
+        "runs/NAME-TIME)",
+    )
+    run.add_argument("--list", action="store_true", help="list the bundled example configs")
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="write the config out (to stdout, or -o FILE) instead of running it",
+    )
+    run.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="with --print-config: the file to write (must not exist)",
+    )
+    run.__class__ = _IntermixedParser
     run.set_defaults(func=_run)
 
     export = sub.add_parser(

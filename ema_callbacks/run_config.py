@@ -6,26 +6,33 @@ The top-level key ``framework`` says which trainer; the rest is that trainer's o
     a LightningCLI config (``seed_everything``, ``trainer``, ``model``, ``data``,
     ``optimizer``, ``lr_scheduler``, ``ckpt_path``), EMA as
     ``trainer.callbacks: [{class_path: ema_callbacks.lightning.EMACallback, init_args: ...}]``;
-    run through ``LightningCLI(args=..., run=False)`` and ``trainer.fit``.
+    built by ``LightningCLI(args=..., run=False)``, then ``trainer.fit``.
 ``framework: composer``
-    ``model``, ``train_dataloader``, ``eval_dataloader`` as ``{class_path, init_args}``;
-    ``optimizer`` ``{class_path, init_args}`` (built with the model's parameters first);
-    ``trainer`` (``composer.Trainer`` keyword arguments: ``max_duration``, ``eval_interval``,
-    ``seed``, ...); ``algorithms: {ema: {half_life: 50ba, ...}}``
+    ``model``, ``train_dataloader``, ``eval_dataloader`` as ``{class_path, init_args}`` (a class
+    or a function); ``optimizer`` ``{class_path, init_args}`` (built with the model's parameters
+    first); ``trainer`` (``composer.Trainer`` keyword arguments); ``algorithms: {ema: {...}}``
     (:class:`ema_callbacks.composer.EMA`'s arguments; other algorithms as
     ``{class_path, init_args}``); ``callbacks`` a list of ``{class_path, init_args}``.
 ``framework: transformers``
     ``model``, ``train_dataset``, ``eval_dataset`` as ``{class_path, init_args}`` (nested
-    ``{class_path, init_args}`` values are built too, e.g. a model's ``config``);
-    ``training_arguments`` (``TrainingArguments`` keyword arguments); ``callbacks`` a list of
-    ``{class_path, init_args}`` (``ema_callbacks.transformers.EMATrainerCallback``);
-    ``compute_metrics`` and ``data_collator`` as dotted paths.
+    ``{class_path, init_args}`` values are built first, e.g. a model's ``config``);
+    ``training_arguments`` (``TrainingArguments`` fields); ``callbacks`` a list of
+    ``{class_path, init_args}``; ``compute_metrics`` and ``data_collator`` as dotted paths.
 
-:func:`load_config` parses and validates the whole file before anything is built: unknown
-keys, class paths that do not import, arguments a class does not take, and every EMA object
-(built, so the adapters' own checks run). Errors are :class:`ConfigError` (a ``ValueError``)
-saying ``"{file}: {dotted.key}: expected ..., got ..."``; a trainer that is not installed is an
-``ImportError`` naming the pip extra. :func:`run` then trains and returns the final metrics.
+The example configs ship in the package (:func:`bundled_configs`); a name such as
+``'lightning_digits'`` works wherever a path does.
+
+:func:`load_config` checks the whole file before anything is built. The types come from the
+libraries that own them: jsonargparse (which LightningCLI uses) reads the signatures and type
+hints of each class a file names, of the trainers (``lightning.Trainer``, ``composer.Trainer``)
+and of ``TrainingArguments``. Unknown keys (with a "did you mean"), class paths that do not
+import, missing or unknown arguments and values of the wrong type are errors; then every EMA
+object and ``TrainingArguments`` are built, so their own checks run. **One conversion**: a
+string where a signature declares a number is read as a number when it reads as one
+(``learning_rate: 1e-3``, a string to YAML 1.1, is 0.001); ``num_train_epochs: three`` is an
+error. Errors are :class:`ConfigError` (a ``ValueError``) saying
+``"{file}: {dotted.key}: expected ..., got ..."``; a trainer that is not installed is an
+``ImportError`` naming the pip extra. :func:`train` then trains into a folder it keeps.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / 'bad.yaml'
@@ -42,30 +49,42 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import importlib.resources
 import importlib.util
 import inspect
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "FRAMEWORKS", "RunConfig", "load_config", "run"]
+__all__ = [
+    "ConfigError",
+    "EMA_WEIGHTS_FILE",
+    "FRAMEWORKS",
+    "RunConfig",
+    "RunResult",
+    "bundled_configs",
+    "describe_config",
+    "find_config",
+    "load_config",
+    "output_folder",
+    "run",
+    "train",
+]
 
 #: The values of the top-level ``framework`` key.
 FRAMEWORKS = ("composer", "lightning", "transformers")
+#: The file :func:`train` writes in the run's folder: the model with the EMA weights in.
+EMA_WEIGHTS_FILE = "ema_weights.safetensors"
 
-_NEEDS = {
-    "composer": ("composer", "MosaicML Composer", "composer"),
-    "lightning": ("lightning", "Lightning", "lightning"),
-    "transformers": ("transformers", "Hugging Face transformers", "transformers"),
-}
 _TOP_KEYS = {
-    "composer": (
+    "composer": [
         "framework",
         "model",
         "train_dataloader",
@@ -74,8 +93,8 @@ _TOP_KEYS = {
         "trainer",
         "algorithms",
         "callbacks",
-    ),
-    "lightning": (
+    ],
+    "lightning": [
         "framework",
         "seed_everything",
         "trainer",
@@ -84,8 +103,8 @@ _TOP_KEYS = {
         "optimizer",
         "lr_scheduler",
         "ckpt_path",
-    ),
-    "transformers": (
+    ],
+    "transformers": [
         "framework",
         "model",
         "train_dataset",
@@ -94,8 +113,9 @@ _TOP_KEYS = {
         "callbacks",
         "compute_metrics",
         "data_collator",
-    ),
+    ],
 }
+# composer.Trainer arguments the file gives at the top level
 _COMPOSER_RESERVED = {
     "model": "model",
     "train_dataloader": "train_dataloader",
@@ -104,8 +124,12 @@ _COMPOSER_RESERVED = {
     "algorithms": "algorithms",
     "callbacks": "callbacks",
 }
-_LIGHTNING_EMA = "ema_callbacks.lightning.EMACallback"
-_TRANSFORMERS_EMA = "ema_callbacks.transformers.EMATrainerCallback"
+# where each trainer writes: (section, key) of the file
+_OUTPUT_KEY = {
+    "composer": ("trainer", "save_folder"),
+    "lightning": ("trainer", "default_root_dir"),
+    "transformers": ("training_arguments", "output_dir"),
+}
 
 
 class ConfigError(ValueError):
@@ -129,8 +153,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A validated run configuration: the file, the trainer, and the file's mapping (with any
-    overrides applied) as it will be run.
+    """A checked run configuration: the file, the trainer, and the file's mapping as it will be
+    run (overrides applied, numbers given as strings converted).
 
     >>> RunConfig(Path('x.yaml'), 'lightning', {'framework': 'lightning'}).framework
     'lightning'
@@ -139,6 +163,99 @@ class RunConfig:
     path: Path
     framework: str
     config: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What :func:`train` made: the final metrics, the run's folder, the folder holding the
+    trainer's checkpoints and the newest of them (``None`` where it wrote none), the EMA weights
+    file (``None`` if no EMA started) and the trainer itself.
+
+    >>> RunResult({'val_loss': 0.5}, Path('runs/x'), None, None, None, None).metrics
+    {'val_loss': 0.5}
+    """
+
+    metrics: dict[str, float]
+    output_dir: Path
+    checkpoints: Path | None
+    last_checkpoint: Path | None
+    ema_weights: Path | None
+    trainer: Any = dataclasses.field(repr=False, compare=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundled configs, files, overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def bundled_configs() -> dict[str, Path]:
+    """The example configs shipped in the package (``ema_callbacks/configs``), by name: the
+    file name without ``.yaml``.
+
+    >>> sorted(bundled_configs())[:3]
+    ['composer_digits', 'composer_ema', 'ema_options']
+    """
+    folder = Path(str(importlib.resources.files("ema_callbacks") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def describe_config(path: str | os.PathLike[str]) -> str:
+    """A config's one-line description: its first comment line.
+
+    >>> describe_config(bundled_configs()['lightning_digits'])[:40]
+    "Lightning: a small MLP on scikit-learn's"
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return next((ln.lstrip("#").strip() for ln in lines if ln.startswith("#")), "")
+
+
+def find_config(name: str | os.PathLike[str]) -> Path:
+    """The file a name stands for: an existing path, else a bundled config's name
+    (``'lightning_digits'``, also with ``.yaml``).
+
+    Raises:
+        FileNotFoundError: neither (the message lists the bundled names).
+        ValueError: the path is a folder.
+
+    >>> find_config('lightning_digits').name
+    'lightning_digits.yaml'
+    """
+    path = Path(name)
+    bundled = bundled_configs()
+    if not path.exists() and path.name.removesuffix(".yaml") in bundled and path.parent == Path():
+        return bundled[path.name.removesuffix(".yaml")]
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected a YAML run config or a bundled name")
+    if not path.exists():
+        close = difflib.get_close_matches(str(name), list(bundled), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FileNotFoundError(
+            f"{name}: no such file, nor a bundled config; {hint}bundled: {', '.join(bundled)}"
+        )
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    from ema_callbacks.files import FileProblem
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ConfigError(path, where, f"expected valid YAML, got a syntax error: {err}") from err
+    except UnicodeDecodeError as err:
+        raise FileProblem(f"{path}: not a text file ({err.reason})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(path, "(file)", f"expected a mapping of keys, got {_show(data)}")
+    return data
+
+
+class _Missing:
+    """Marks a key that is not in the file."""
+
+
+_MISSING = _Missing()
 
 
 def _show(value: Any) -> str:
@@ -158,43 +275,130 @@ def _listing(names: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-class _Missing:
-    """Marks a key that is not in the file."""
+_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 
 
-_MISSING = _Missing()
+def _split_key(key: str) -> list[str | int]:
+    """``'trainer.callbacks[0].init_args'`` -> ``['trainer', 'callbacks', 0, 'init_args']``."""
+    parts: list[str | int] = []
+    pos = 0
+    while pos < len(key):
+        match = _TOKEN.match(key, pos)
+        if match is None or key.startswith("."):
+            raise ValueError(
+                "override keys are dotted paths like 'trainer.max_epochs' or "
+                f"'trainer.callbacks[0].init_args.half_life'; got {key!r}"
+            )
+        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        pos = match.end()
+    if not parts:
+        raise ValueError(f"override keys must not be empty; got {key!r}")
+    return parts
 
 
-class _Validator:
+def _apply_overrides(
+    config: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str] | None, path: Path
+) -> None:
+    """Set each dotted key to its value; ``'key=value'`` strings have the value read as YAML.
+    A key the file lacks is added, and then checked like the file's own keys."""
+    if overrides is None:
+        return
+    if isinstance(overrides, Mapping):
+        items = [(str(k), v) for k, v in overrides.items()]
+    elif isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
+        raise TypeError(
+            "overrides must be a mapping {'dotted.key': value} or a list of 'dotted.key=value' "
+            f"strings; got {overrides!r}"
+        )
+    else:
+        items = []
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"an override must look like 'dotted.key=value'; got {item!r}")
+            key, _, text = item.partition("=")
+            try:
+                items.append((key.strip(), yaml.safe_load(text)))
+            except yaml.YAMLError as err:
+                raise ValueError(f"override {item!r}: the value is not valid YAML") from err
+    for key, value in items:
+        parts = _split_key(key)
+        node: Any = config
+        for i, part in enumerate(parts):
+            here = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts[: i + 1])
+            here = here.lstrip(".")
+            if isinstance(part, int) and (not isinstance(node, list) or part >= len(node)):
+                raise ConfigError(path, here, f"expected a list with an item {part}, got none")
+            if isinstance(part, str) and not isinstance(node, dict):
+                raise ConfigError(path, here, f"expected a mapping, got {_show(node)}")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                if isinstance(part, str) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+
+
+def _require(framework: str, path: Path) -> None:
+    """The trainer (its module is named like the framework) and jsonargparse are installed."""
+    for module, hint in (
+        (framework, f"ema-callbacks[{framework}]"),
+        ("jsonargparse", "jsonargparse[signatures]"),
+    ):
+        try:
+            spec = importlib.util.find_spec(module)
+            # a folder of that name on sys.path (a namespace package) is not the library
+            found = spec is not None and spec.origin not in (None, "namespace")
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ImportError(
+                f"{path}: framework: {framework!r} needs {module}, which is not installed: "
+                f'pip install "{hint}"'
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking: the walk names every key; jsonargparse checks each class's arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_spec(value: Any) -> bool:
+    return isinstance(value, Mapping) and "class_path" in value
+
+
+def _type_names(text: str) -> str:
+    """jsonargparse's ``<class 'int'>``, ``typing.Literal[...]`` as ``int``, ``Literal[...]``."""
+    text = re.sub(r"<(?:class|enum) '(?:[\w.]+\.)?(\w+)'>", r"\1", text).replace("typing.", "")
+    return text.replace("NoneType", "null")
+
+
+class _Check:
     """Walks one file's mapping; every error names the file and the dotted key."""
 
-    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+    def __init__(self, path: Path, ema_class: Any = None) -> None:
         self.path = path
-        self.config = config
+        self.ema_class = ema_class
 
     def error(self, key: str, expected: str, got: Any, detail: str = "") -> ConfigError:
         message = f"expected {expected}, got {_show(got)}"
         return ConfigError(self.path, key, message + (f" ({detail})" if detail else ""))
 
-    # -- shapes -------------------------------------------------------------------------------
+    def unknown(self, key: str, name: str, allowed: Sequence[str], what: str) -> ConfigError:
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else ""
+        return self.error(key, f"{what} ({_listing(allowed)})", name, hint)
 
-    def keys(self, mapping: Mapping[str, Any], allowed: Sequence[str], prefix: str) -> None:
+    def keys(self, mapping: Mapping[str, Any], allowed: Sequence[str]) -> None:
         for name in mapping:
             if name not in allowed:
-                close = difflib.get_close_matches(str(name), allowed, n=1)
-                raise self.error(
-                    f"{prefix}{name}",
-                    f"one of the keys {_listing(allowed)}",
-                    str(name),
-                    f"did you mean {close[0]!r}?" if close else "",
-                )
+                raise self.unknown(str(name), str(name), allowed, "one of the keys")
 
     def mapping(self, value: Any, key: str, what: str = "a mapping") -> dict[str, Any]:
         if value is None:
             return {}
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             raise self.error(key, what, value)
-        return dict(value)
+        return value
 
     def entries(self, value: Any, key: str) -> list[tuple[str, Any]]:
         """A list (or a single mapping) of ``{class_path, init_args}``, with each one's key."""
@@ -208,96 +412,107 @@ class _Validator:
 
     def spec(
         self, value: Any, key: str, required: bool = True, supplied: Sequence[str] = ()
-    ) -> tuple[Any, dict[str, Any]]:
-        """A ``{class_path, init_args}`` mapping: the imported target and its arguments, the
-        arguments checked against the target's signature, nested specs checked too."""
+    ) -> Any:
+        """A ``{class_path, init_args}`` mapping: import the target, check its arguments
+        (nested specs first); an EMA object is built. Returns the target."""
         if value is None or isinstance(value, _Missing):
             if required:
                 raise self.error(key, "a mapping with 'class_path' and 'init_args'", _MISSING)
-            return None, {}
-        if not isinstance(value, Mapping) or "class_path" not in value:
+            return None
+        if not _is_spec(value):
             raise self.error(key, "a mapping with 'class_path' and 'init_args'", value)
-        self.keys(value, ("class_path", "init_args"), f"{key}.")
+        for name in value:
+            if name not in ("class_path", "init_args"):
+                raise self.unknown(f"{key}.{name}", name, ["class_path", "init_args"], "one of")
         target = self.target(value["class_path"], f"{key}.class_path")
         init_args = self.mapping(value.get("init_args"), f"{key}.init_args")
         self.arguments(target, init_args, f"{key}.init_args", supplied)
-        for name, arg in init_args.items():
-            self.nested(arg, f"{key}.init_args.{name}")
-        return target, init_args
-
-    def nested(self, value: Any, key: str) -> None:
-        if isinstance(value, Mapping) and "class_path" in value:
-            self.spec(value, key)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                self.nested(item, f"{key}[{i}]")
+        if isinstance(target, type) and self.ema_class and issubclass(target, self.ema_class):
+            self.build(target, init_args, f"{key}.init_args")
+        return target
 
     def target(self, path: Any, key: str) -> Any:
         """Import ``'package.module.Name'`` (or ``'package.module:Name'``)."""
         expected = "an importable dotted path like 'package.module.Name'"
-        if not isinstance(path, str) or not re.fullmatch(r"[\w.]+(:[\w.]+)?", path):
+        if not isinstance(path, str) or not re.fullmatch(r"\w+(\.\w+)*[.:]\w+", path):
             raise self.error(key, expected, path)
-        if ":" in path:
-            module_name, attr = path.split(":")
-            candidates = [(module_name, attr.split("."))]
-        else:
-            parts = path.split(".")
-            candidates = [(".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
-        last: Exception | None = None
-        for module_name, attrs in candidates:
-            try:
-                target: Any = importlib.import_module(module_name)
-            except ModuleNotFoundError as err:
-                if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-                    last = err
-                    continue  # this prefix is not a module: try a shorter one
+        module_name, _, name = path.rpartition(":" if ":" in path else ".")
+        try:
+            target = getattr(importlib.import_module(module_name), name)
+        except (ModuleNotFoundError, AttributeError) as err:
+            if isinstance(err, ModuleNotFoundError) and not module_name.startswith(err.name or "?"):
                 raise ImportError(f"{self.path}: {key}: importing {path!r} failed: {err}") from err
-            except ImportError as err:  # e.g. an adapter whose trainer is missing
-                raise ImportError(f"{self.path}: {key}: importing {path!r} failed: {err}") from err
-            try:
-                for attr in attrs:
-                    target = getattr(target, attr)
-            except AttributeError as err:
-                raise self.error(key, expected, path, str(err)) from err
-            if not callable(target):
-                raise self.error(key, "a class or function", path, f"a {type(target).__name__}")
-            return target
-        raise self.error(key, expected, path, str(last) if last else "")
+            raise self.error(key, expected, path, str(err)) from err
+        except ImportError as err:  # e.g. an adapter whose trainer is missing
+            raise ImportError(f"{self.path}: {key}: importing {path!r} failed: {err}") from err
+        if not callable(target):
+            raise self.error(key, "a class or function", path, f"a {type(target).__name__}")
+        return target
 
     def arguments(
-        self, target: Any, init_args: Mapping[str, Any], key: str, supplied: Sequence[str] = ()
+        self, target: Any, args: dict[str, Any], key: str, skip: Sequence[str] = ()
     ) -> None:
-        """Every name in ``init_args`` is a parameter of ``target`` (unless it takes
-        ``**kwargs``), and no required parameter is missing (but those in ``supplied``, which
-        the runner passes itself)."""
+        """jsonargparse checks ``args`` against ``target``'s signature and type hints (those in
+        ``skip`` the runner passes itself); nested specs are checked first. A string given where
+        a number is declared, that reads as one, is replaced by the number in ``args``."""
+        from jsonargparse import ArgumentParser
+
+        for name, value in args.items():
+            for i, item in enumerate(value if isinstance(value, list) else [value]):
+                if _is_spec(item):
+                    self.spec(item, f"{key}.{name}" + (f"[{i}]" if isinstance(value, list) else ""))
+        parser = ArgumentParser(exit_on_error=False)
+        add = (
+            parser.add_class_arguments if inspect.isclass(target) else parser.add_function_arguments
+        )
         try:
-            signature = inspect.signature(target)
-        except (TypeError, ValueError):  # some builtins have none
+            add(target, "a", fail_untyped=False, skip=set(skip))
+            known = list(vars(parser.get_defaults().get("a") or {}))
+        except Exception:  # no signature jsonargparse can read (a builtin): left to the call
             return
-        params = signature.parameters.values()
-        for p in params:
-            required = p.default is inspect.Parameter.empty and p.kind in (
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                inspect.Parameter.KEYWORD_ONLY,
+        try:
+            takes_more = any(
+                p.kind is p.VAR_KEYWORD for p in inspect.signature(target).parameters.values()
             )
-            if required and p.name not in init_args and p.name not in supplied:
-                raise self.error(f"{key}.{p.name}", "a value (it is required)", _MISSING)
-        named = [
-            p.name
-            for p in params
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        ]
-        what = getattr(target, "__qualname__", repr(target))
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            for name in init_args:
-                if name not in named:
-                    close = difflib.get_close_matches(str(name), named, n=1)
-                    raise self.error(
-                        f"{key}.{name}",
-                        f"an argument of {what} ({_listing(named)})",
-                        str(name),
-                        f"did you mean {close[0]!r}?" if close else "",
-                    )
+        except (TypeError, ValueError):
+            takes_more = False
+        given = {k: v for k, v in args.items() if k in known or not takes_more}
+        try:
+            parsed = parser.parse_object({"a": copy.deepcopy(given)}, defaults=False).get("a")
+        except Exception as err:
+            if type(err).__name__ != "ArgumentError":
+                raise
+            raise self.translate(str(err), target, args, key, known) from err
+        for name, value in given.items():
+            new = parsed.get(name) if parsed is not None else None
+            if isinstance(value, str) and isinstance(new, (int, float)):
+                args[name] = new
+
+    def translate(
+        self, text: str, target: Any, args: Mapping[str, Any], key: str, known: Sequence[str]
+    ) -> ConfigError:
+        """jsonargparse's message as ``file: key: expected ..., got ...``."""
+        what = getattr(target, "__name__", repr(target))
+        if match := re.search(r"does not accept option '([^']+)'", text):
+            name = match.group(1)
+            return self.unknown(f"{key}.{name}", name, known, f"an argument of {what}")
+        if match := re.search(r"arguments are required: a\.(\w+)", text):
+            return self.error(f"{key}.{match.group(1)}", "a value (it is required)", _MISSING)
+        match = re.search(r'Parser key "a\.(\w+)', text)
+        name = match.group(1) if match else ""
+        union = re.search(r"Subtypes: \[(.*)\]", text)
+        single = re.search(r"Expected a (.+?)(?:\. Got value:.*)?$", text, re.M)
+        if union:
+            expected = " or ".join(_type_names(t) for t in re.split(r", (?![^\[]*\])", union[1]))
+        elif single:
+            expected = _type_names(single.group(1))
+        else:
+            expected = f"an argument {what} accepts"
+        detail = "" if union or single else " ".join(text.split())
+        got = args.get(name, _MISSING) if name else dict(args)
+        if isinstance(got, bool) and "str" in expected:
+            detail = "YAML reads yes/no/on/off as true/false: quote a word, 'no'"
+        return self.error(f"{key}.{name}" if name else key, expected, got, detail)
 
     def build(self, cls: Any, init_args: Mapping[str, Any], key: str) -> Any:
         """Build an EMA object now, so its own validation runs; its ``ValueError`` or
@@ -317,210 +532,53 @@ class _Validator:
             ) from err
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing, overrides
-# ---------------------------------------------------------------------------------------------
-
-
-_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _split_key(key: str) -> list[str | int]:
-    """``'trainer.callbacks[0].init_args'`` -> ``['trainer', 'callbacks', 0, 'init_args']``."""
-    parts: list[str | int] = []
-    pos = 0
-    while pos < len(key):
-        if key[pos] == "." and pos > 0:
-            pos += 1
-        match = _TOKEN.match(key, pos)
-        if match is None:
-            raise ValueError(
-                f"override keys are dotted paths like 'trainer.max_epochs' or "
-                f"'trainer.callbacks[0].init_args.half_life'; got {key!r}"
-            )
-        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
-        pos = match.end()
-    if not parts:
-        raise ValueError(f"override keys must not be empty; got {key!r}")
-    return parts
-
-
-def _apply_overrides(
-    config: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str] | None, path: Path
-) -> None:
-    """Set each dotted key (``'trainer.max_epochs'``, ``'trainer.callbacks[0].init_args.x'``)
-    to its value; ``'key=value'`` strings have their value parsed as YAML."""
-    if overrides is None:
-        return
-    items: list[tuple[str, Any]]
-    if isinstance(overrides, Mapping):
-        items = [(str(k), v) for k, v in overrides.items()]
-    elif isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
-        raise TypeError(
-            "overrides must be a mapping {'dotted.key': value} or a list of 'dotted.key=value' "
-            f"strings; got {overrides!r}"
-        )
-    else:
-        items = []
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ValueError(f"an override must look like 'dotted.key=value'; got {item!r}")
-            key, _, text = item.partition("=")
-            items.append((key.strip(), yaml.safe_load(text)))
-    for key, value in items:
-        parts = _split_key(key)
-        node: Any = config
-        for i, part in enumerate(parts[:-1]):
-            here = ".".join(str(p) for p in parts[: i + 1])
-            if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
-                    raise ConfigError(path, here, f"expected a list with an item {part}, got none")
-                node = node[part]
-            else:
-                if not isinstance(node, dict):
-                    raise ConfigError(path, here, f"expected a mapping, got {_show(node)}")
-                if not isinstance(node.get(part), (dict, list)):
-                    node[part] = {}
-                node = node[part]
-        last = parts[-1]
-        if isinstance(last, int):
-            if not isinstance(node, list) or last >= len(node):
-                raise ConfigError(path, key, f"expected a list with an item {last}, got none")
-            node[last] = value
-        else:
-            if not isinstance(node, dict):
-                raise ConfigError(path, key, f"expected a mapping, got {_show(node)}")
-            node[last] = value
-
-
-def _read(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ConfigError(path, where, f"expected valid YAML, got a syntax error: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(path, "(file)", f"expected a mapping of keys, got {_show(data)}")
-    return data
-
-
-def _require(framework: str, path: Path) -> None:
-    module, name, extra = _NEEDS[framework]
-    try:
-        spec = importlib.util.find_spec(module)
-        # a folder of that name on sys.path (a namespace package) is not the trainer
-        found = spec is not None and spec.origin not in (None, "namespace")
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ImportError(
-            f"{path}: framework: {framework!r} needs {name}, which is not installed: "
-            f'pip install "ema-callbacks[{extra}]"'
-        )
-
-
-def load_config(
-    path: str | os.PathLike[str], overrides: Mapping[str, Any] | Sequence[str] | None = None
-) -> RunConfig:
-    """Parse and validate a run configuration; nothing is trained and no model is built.
-
-    Args:
-        path: the YAML file.
-        overrides: values replacing the file's, by dotted key: a mapping
-            ``{'trainer.max_epochs': 1}`` or ``['trainer.max_epochs=1']`` (values parsed as
-            YAML); list items by index, ``'trainer.callbacks[0].init_args.half_life'``.
-
-    Raises:
-        ConfigError: ``"{file}: {dotted.key}: expected ..., got ..."``.
-        ImportError: the file's trainer (or a class it names) is not installed; names the
-            pip extra.
-
-    >>> config = load_config('configs/lightning_digits.yaml')       # doctest: +SKIP
-    >>> config.framework                                             # doctest: +SKIP
-    'lightning'
-    """
-    file = Path(path)
-    config = _read(file)
-    _apply_overrides(config, overrides, file)
-    check = _Validator(file, config)
-    framework = config.get("framework", _MISSING)
-    if framework not in FRAMEWORKS:
-        raise check.error(
-            "framework", "one of " + ", ".join(repr(f) for f in FRAMEWORKS), framework
-        )
-    check.keys(config, _TOP_KEYS[framework], "")
-    _require(framework, file)
-    _VALIDATORS[framework](check, config)
-    return RunConfig(file, framework, config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation per trainer
-# ---------------------------------------------------------------------------------------------
-
-
-def _validate_lightning(check: _Validator, config: dict[str, Any]) -> None:
+def _check_lightning(check: _Check, config: dict[str, Any]) -> None:
     from lightning.pytorch import Trainer
 
     from ema_callbacks.lightning import EMACallback
 
+    check.ema_class = EMACallback
     seed = config.get("seed_everything", True)
     if not isinstance(seed, (bool, int)):
         raise check.error("seed_everything", "an integer or true/false", seed)
-    trainer = check.mapping(config.get("trainer"), "trainer")
-    trainer_params = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
-    check.keys(trainer, trainer_params, "trainer.")
-    for key, entry in check.entries(trainer.get("callbacks"), "trainer.callbacks"):
-        cls, init_args = check.spec(entry, key)
-        if isinstance(cls, type) and issubclass(cls, EMACallback):
-            check.build(cls, init_args, f"{key}.init_args")
-    for name in ("logger", "plugins"):  # also true/false or a name: left to LightningCLI
-        if isinstance(trainer.get(name), (Mapping, list)):
-            for key, entry in check.entries(trainer[name], f"trainer.{name}"):
-                if isinstance(entry, Mapping):
-                    check.spec(entry, key)
+    if not isinstance(config.get("ckpt_path"), str | None):
+        raise check.error("ckpt_path", "a checkpoint path", config["ckpt_path"])
+    check.arguments(Trainer, check.mapping(config.get("trainer"), "trainer"), "trainer")
     check.spec(config.get("model", _MISSING), "model")
     for name in ("data", "optimizer", "lr_scheduler"):
         if isinstance(config.get(name), Mapping):  # LightningCLI passes params / optimizer
             check.spec(config[name], name, supplied=("params", "optimizer"))
-    try:
-        import jsonargparse  # noqa: F401  (LightningCLI needs it)
-    except ImportError as err:
-        raise ImportError(
-            f"{check.path}: running a Lightning config needs LightningCLI's jsonargparse: "
-            'pip install "jsonargparse[signatures]"'
-        ) from err
 
 
-def _validate_composer(check: _Validator, config: dict[str, Any]) -> None:
+def _check_composer(check: _Check, config: dict[str, Any]) -> None:
     from composer import Trainer
 
     from ema_callbacks.composer import EMA
 
+    check.ema_class = EMA
     check.spec(config.get("model", _MISSING), "model")
     check.spec(config.get("train_dataloader", _MISSING), "train_dataloader")
     check.spec(config.get("eval_dataloader"), "eval_dataloader", required=False)
     optimizer = config.get("optimizer")
-    if optimizer is not None:
-        _, init_args = check.spec(optimizer, "optimizer", supplied=("params",))
-        if "params" in init_args:
-            raise check.error(
-                "optimizer.init_args.params", "no 'params' (the model's are passed)", "params"
-            )
-    trainer = check.mapping(config.get("trainer"), "trainer")
-    params = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
-    for name in trainer:
+    if isinstance(optimizer, Mapping) and "params" in (optimizer.get("init_args") or {}):
+        raise check.error(
+            "optimizer.init_args.params", "no 'params' (the model's are passed)", "params"
+        )
+    check.spec(optimizer, "optimizer", required=False, supplied=("params",))
+    for name in check.mapping(config.get("trainer"), "trainer"):
         if name in _COMPOSER_RESERVED:
             raise check.error(
                 f"trainer.{name}",
                 f"it at the top level, as '{_COMPOSER_RESERVED[name]}'",
                 "it under 'trainer'",
             )
-    check.keys(trainer, [p for p in params if p not in _COMPOSER_RESERVED], "trainer.")
-    algorithms = check.mapping(config.get("algorithms"), "algorithms")
-    for name, value in algorithms.items():
+    check.arguments(
+        Trainer,
+        check.mapping(config.get("trainer"), "trainer"),
+        "trainer",
+        list(_COMPOSER_RESERVED),
+    )
+    for name, value in check.mapping(config.get("algorithms"), "algorithms").items():
         if name == "ema":
             init_args = check.mapping(value, "algorithms.ema", "a mapping of EMA arguments")
             check.arguments(EMA, init_args, "algorithms.ema")
@@ -531,27 +589,26 @@ def _validate_composer(check: _Validator, config: dict[str, Any]) -> None:
         check.spec(entry, key)
 
 
-def _validate_transformers(check: _Validator, config: dict[str, Any]) -> None:
+def _check_transformers(check: _Check, config: dict[str, Any]) -> None:
     from transformers import TrainingArguments
 
     from ema_callbacks.transformers import EMATrainerCallback
 
+    check.ema_class = EMATrainerCallback
     check.spec(config.get("model", _MISSING), "model")
     check.spec(config.get("train_dataset", _MISSING), "train_dataset")
     check.spec(config.get("eval_dataset"), "eval_dataset", required=False)
     arguments = check.mapping(config.get("training_arguments"), "training_arguments")
-    fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
-    check.keys(arguments, fields, "training_arguments.")
+    skip = [] if "output_dir" in arguments else ["output_dir"]  # the runner gives one
+    check.arguments(TrainingArguments, arguments, "training_arguments", skip)
     for key, entry in check.entries(config.get("callbacks"), "callbacks"):
-        cls, init_args = check.spec(entry, key)
-        if isinstance(cls, type) and issubclass(cls, EMATrainerCallback):
-            check.build(cls, init_args, f"{key}.init_args")
+        check.spec(entry, key)
     for name in ("compute_metrics", "data_collator"):
         if config.get(name) is not None:
             check.target(config[name], name)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # its own checks (__post_init__)
         try:
-            TrainingArguments(**{"output_dir": folder, **arguments})
+            TrainingArguments(**{**arguments, "output_dir": folder})
         except (ValueError, TypeError) as err:
             message = str(err)
             named = [n for n in arguments if re.search(rf"\b{re.escape(n)}\b", message)] or [
@@ -566,22 +623,154 @@ def _validate_transformers(check: _Validator, config: dict[str, Any]) -> None:
             ) from err
 
 
-_VALIDATORS: dict[str, Callable[[_Validator, dict[str, Any]], None]] = {
-    "composer": _validate_composer,
-    "lightning": _validate_lightning,
-    "transformers": _validate_transformers,
+_CHECKS: dict[str, Callable[[_Check, dict[str, Any]], None]] = {
+    "composer": _check_composer,
+    "lightning": _check_lightning,
+    "transformers": _check_transformers,
 }
 
 
+def load_config(
+    path: str | os.PathLike[str], overrides: Mapping[str, Any] | Sequence[str] | None = None
+) -> RunConfig:
+    """Read and check a run configuration; nothing is trained and no model is built.
+
+    Args:
+        path: the YAML file, or a bundled config's name (:func:`bundled_configs`).
+        overrides: values replacing the file's, by dotted key: a mapping
+            ``{'trainer.max_epochs': 1}`` or ``['trainer.max_epochs=1']`` (values read as
+            YAML); list items by index, ``'trainer.callbacks[0].init_args.half_life'``.
+            They are checked like the file.
+
+    Raises:
+        ConfigError: ``"{file}: {dotted.key}: expected ..., got ..."``.
+        ImportError: the file's trainer (or a class it names) is not installed; names the
+            pip extra.
+
+    >>> load_config('lightning_digits', ['framework=keras'])
+    Traceback (most recent call last):
+    ...
+    ema_callbacks.run_config.ConfigError: .../lightning_digits.yaml: framework: expected one of 'composer', 'lightning', 'transformers', got 'keras'
+    """
+    file = find_config(path)
+    config = _read(file)
+    _apply_overrides(config, overrides, file)
+    check = _Check(file)
+    framework = config.get("framework", _MISSING)
+    if framework not in FRAMEWORKS:
+        hint = "not a run config: those name their trainer" if framework is _MISSING else ""
+        raise check.error(
+            "framework", "one of " + ", ".join(map(repr, FRAMEWORKS)), framework, hint
+        )
+    check.keys(config, _TOP_KEYS[framework])
+    _require(framework, file)
+    _CHECKS[framework](check, config)
+    return RunConfig(file, framework, config)
+
+
 # ---------------------------------------------------------------------------------------------
-# Running
+# Training
 # ---------------------------------------------------------------------------------------------
+
+
+def output_folder(config: RunConfig, output_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where :func:`train` writes: ``output_dir`` if given, else the file's own output key
+    (Lightning ``trainer.default_root_dir``, Composer ``trainer.save_folder``, transformers
+    ``training_arguments.output_dir``), else a new folder ``runs/<config name>-<time>``.
+
+    >>> config = RunConfig(Path('digits.yaml'), 'lightning', {'trainer': {'max_epochs': 1}})
+    >>> output_folder(config, 'runs/mine')
+    PosixPath('runs/mine')
+    >>> output_folder(config).name.startswith('digits-')
+    True
+    """
+    if output_dir is not None:
+        return Path(output_dir)
+    section, key = _OUTPUT_KEY[config.framework]
+    own = (config.config.get(section) or {}).get(key)
+    if own:
+        return Path(own)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = Path("runs") / f"{config.path.stem}-{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = Path("runs") / f"{config.path.stem}-{stamp}-{n}"
+    return folder
+
+
+def run(
+    path: str | os.PathLike[str],
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """Check (:func:`load_config`), then train as the file says (:func:`train`); returns the
+    final metrics.
+
+    >>> metrics = run('lightning_digits', {'trainer.max_epochs': 1}, 'runs/doc')  # doctest: +SKIP
+    >>> sorted(metrics)                                                         # doctest: +SKIP
+    ['ema/num_updates', 'val_acc', 'val_loss']
+    """
+    return train(load_config(path, overrides), output_dir).metrics
+
+
+def train(config: RunConfig, output_dir: str | os.PathLike[str] | None = None) -> RunResult:
+    """Train a checked config into a folder that is kept (:func:`output_folder`).
+
+    The trainer writes its checkpoints there when the file asks for them (Lightning's
+    ``ModelCheckpoint``, Composer's ``save_interval``, transformers' ``save_strategy``), and
+    this function writes :data:`EMA_WEIGHTS_FILE`: the model's state dict with the primary EMA
+    in, keyed as ``ema-callbacks export`` keys it (wrapper prefixes such as ``module.``
+    removed).
+
+    Returns:
+        A :class:`RunResult`. Its ``metrics`` are the trainer's last evaluation metrics as
+        floats, under its own names (Lightning ``trainer.callback_metrics``, e.g. ``val_loss``;
+        Composer ``metrics/{label}/{Metric}``; transformers ``eval_loss``), measured on the EMA
+        weights when an EMA evaluates, plus ``ema/num_updates`` for each EMA in the run
+        (``ema/num_updates`` for one, ``ema/{i}/num_updates`` for several).
+    """
+    folder = output_folder(config, output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer, model, controllers, metrics, (checkpoints, pattern) = _RUNNERS[config.framework](
+        copy.deepcopy(config.config), str(folder), config.path
+    )
+    if len(controllers) == 1:
+        metrics["ema/num_updates"] = float(controllers[0].num_updates)
+    else:
+        metrics.update(
+            {f"ema/{i}/num_updates": float(c.num_updates) for i, c in enumerate(controllers)}
+        )
+    ema_file = None
+    if controllers and controllers[0].started:
+        from ema_callbacks.files import write_safetensors
+        from ema_callbacks.weights import normalize_name
+
+        ema_file = folder / EMA_WEIGHTS_FILE
+        with controllers[0].ema_weights(model):
+            state = {normalize_name(k): v for k, v in model.state_dict().items()}
+            write_safetensors(ema_file, state)
+    found = Path(checkpoints) if checkpoints else None
+    saved = sorted(
+        (p for p in found.glob(pattern) if not p.is_symlink()) if found else [],
+        key=lambda p: p.stat().st_mtime,
+    )
+    return RunResult(
+        metrics,
+        folder,
+        found if saved else None,
+        saved[-1] if saved else None,
+        ema_file,
+        trainer,
+    )
+
+
+_Ran = tuple[Any, Any, list[Any], dict[str, float], tuple[str | None, str]]
 
 
 def _instantiate(value: Any) -> Any:
     """Build ``{class_path, init_args}`` mappings (nested ones first); other values as is."""
-    if isinstance(value, Mapping) and "class_path" in value:
-        target = _Validator(Path("."), {}).target(value["class_path"], "class_path")
+    if _is_spec(value):
+        target = _Check(Path(".")).target(value["class_path"], "class_path")
         init_args = {k: _instantiate(v) for k, v in dict(value.get("init_args") or {}).items()}
         return target(**init_args)
     if isinstance(value, list):
@@ -599,137 +788,68 @@ def _float_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-@contextmanager
-def _folder(output_dir: str | os.PathLike[str] | None) -> Iterator[str]:
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        yield os.fspath(output_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="ema-callbacks-run-") as folder:
-            yield folder
-
-
-def run(
-    path: str | os.PathLike[str],
-    overrides: Mapping[str, Any] | Sequence[str] | None = None,
-    output_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, float]:
-    """Validate (:func:`load_config`), then train as the file says; returns the final metrics.
-
-    Args:
-        path: the YAML file; its ``framework`` key picks the trainer.
-        overrides: as in :func:`load_config`.
-        output_dir: where the trainer writes (Lightning ``trainer.default_root_dir``, Composer
-            ``trainer.save_folder`` when ``save_interval`` or checkpoints are asked for,
-            transformers ``training_arguments.output_dir``) unless the file sets it; by default
-            a temporary folder removed afterwards.
-
-    Returns:
-        The trainer's last evaluation metrics as floats, under its own names (Lightning
-        ``trainer.callback_metrics``, e.g. ``val_loss``; Composer ``metrics/{label}/{Metric}``;
-        transformers ``eval_loss``, ``eval_accuracy``), measured on the EMA weights when an EMA
-        evaluates, plus ``ema/num_updates`` for each EMA in the run (``ema/num_updates`` for one,
-        ``ema/{i}/num_updates`` for several).
-
-    >>> metrics = run('configs/lightning_digits.yaml', {'trainer.max_epochs': 1})  # doctest: +SKIP
-    >>> sorted(metrics)                                                           # doctest: +SKIP
-    ['ema/num_updates', 'val_acc', 'val_loss']
-    """
-    config = load_config(path, overrides)
-    with _folder(output_dir) as folder:
-        return _RUNNERS[config.framework](config, folder)
-
-
-def _ema_metrics(controllers: Sequence[Any]) -> dict[str, float]:
-    if len(controllers) == 1:
-        return {"ema/num_updates": float(controllers[0].num_updates)}
-    return {f"ema/{i}/num_updates": float(c.num_updates) for i, c in enumerate(controllers)}
-
-
-def _jsonargparse_error(path: Path, err: BaseException) -> ConfigError:
-    message = str(err)
-    keys = re.findall(r'key "([^"]+)"', message)
-    key = keys[0] if keys else "(LightningCLI)"
-    if len(keys) > 1 and "class_path" in message:
-        key = f"{keys[0]}.init_args.{keys[-1]}"
-    found = re.search(r"Expected (.*?)\. Got value: (.*)", message)
-    if found:
-        return ConfigError(path, key, f"expected {found.group(1)}, got {found.group(2)!r}")
-    summary = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    return ConfigError(path, key, f"expected a value LightningCLI accepts, got an error: {summary}")
-
-
-def _run_lightning(config: RunConfig, folder: str) -> dict[str, float]:
+def _run_lightning(config: dict[str, Any], folder: str, path: Path) -> _Ran:
     from lightning.pytorch.cli import LightningCLI
 
     from ema_callbacks.lightning import EMACallback
 
-    args = copy.deepcopy(config.config)
-    args.pop("framework")
-    ckpt_path = args.pop("ckpt_path", None)
-    trainer_args = args.setdefault("trainer", {}) or {}
-    args["trainer"] = trainer_args
-    trainer_args.setdefault("default_root_dir", folder)
+    config.pop("framework")
+    ckpt_path = config.pop("ckpt_path", None)
+    config["trainer"] = {**(config.get("trainer") or {}), "default_root_dir": folder}
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the config is all LightningCLI reads
     try:
         cli = LightningCLI(
-            args=args,
+            args=config,
             run=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
         )
-    except SystemExit as err:  # pragma: no cover - jsonargparse versions that ignore the flag
+    except Exception as err:  # checked already: what LightningCLI still refuses, on one line
+        if type(err).__name__ != "ArgumentError":
+            raise
+        summary = " ".join(str(err).split())
         raise ConfigError(
-            config.path, "(LightningCLI)", f"expected a valid config, got exit status {err}"
+            path, "(LightningCLI)", f"expected what it accepts, got: {summary}"
         ) from err
-    except Exception as err:
-        if type(err).__name__ == "ArgumentError":
-            raise _jsonargparse_error(config.path, err) from err
-        raise
+    finally:
+        sys.argv = argv
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    metrics = _float_metrics(cli.trainer.callback_metrics)
     callbacks = getattr(cli.trainer, "callbacks", [])  # a property mypy does not see
     emas = [c.controller for c in callbacks if isinstance(c, EMACallback)]
-    return {**metrics, **_ema_metrics(emas)}
+    checkpoint = getattr(cli.trainer, "checkpoint_callback", None)
+    metrics = _float_metrics(cli.trainer.callback_metrics)
+    return cli.trainer, cli.model, emas, metrics, (getattr(checkpoint, "dirpath", None), "*.ckpt")
 
 
-def _run_composer(config: RunConfig, folder: str) -> dict[str, float]:
+def _run_composer(config: dict[str, Any], folder: str, path: Path) -> _Ran:
     from composer import Trainer
     from composer.utils import reproducibility
 
     from ema_callbacks.composer import EMA
 
-    data = copy.deepcopy(config.config)
-    trainer_args = dict(data.get("trainer") or {})
+    trainer_args = dict(config.get("trainer") or {})
     if trainer_args.get("seed") is not None:
         reproducibility.seed_all(int(trainer_args["seed"]))
-    if trainer_args.get("save_interval") is not None:
-        trainer_args.setdefault("save_folder", folder)
-    model = _instantiate(data["model"])
-    train_dataloader = _instantiate(data["train_dataloader"])
-    eval_dataloader = _instantiate(data.get("eval_dataloader"))
+    saving = trainer_args.get("save_interval") is not None or "save_folder" in trainer_args
+    if saving:
+        trainer_args["save_folder"] = folder
+    model = _instantiate(config["model"])
     optimizer = None
-    if data.get("optimizer") is not None:
-        cls = _Validator(config.path, {}).target(data["optimizer"]["class_path"], "optimizer")
-        optimizer = cls(model.parameters(), **dict(data["optimizer"].get("init_args") or {}))
-    algorithms = []
-    emas = []
-    for name, value in dict(data.get("algorithms") or {}).items():
-        if name == "ema":
-            algorithm = EMA(**dict(value or {}))
-            emas.append(algorithm)
-        else:
-            algorithm = _instantiate(value)
-        algorithms.append(algorithm)
-    callbacks = _instantiate(data.get("callbacks") or [])
-    if isinstance(callbacks, Mapping) or not isinstance(callbacks, list):
-        callbacks = [callbacks]
+    if config.get("optimizer") is not None:
+        cls = _Check(Path(".")).target(config["optimizer"]["class_path"], "optimizer")
+        optimizer = cls(model.parameters(), **dict(config["optimizer"].get("init_args") or {}))
+    algorithms = [
+        EMA(**(value or {})) if name == "ema" else _instantiate(value)
+        for name, value in (config.get("algorithms") or {}).items()
+    ]
+    callbacks = _instantiate(config.get("callbacks") or [])
     trainer = Trainer(
         model=model,
-        train_dataloader=train_dataloader,
-        eval_dataloader=eval_dataloader,
+        train_dataloader=_instantiate(config["train_dataloader"]),
+        eval_dataloader=_instantiate(config.get("eval_dataloader")),
         optimizers=optimizer,
         algorithms=algorithms,
-        callbacks=callbacks,
+        callbacks=callbacks if isinstance(callbacks, list) else [callbacks],
         **trainer_args,
     )
     try:
@@ -743,47 +863,37 @@ def _run_composer(config: RunConfig, folder: str) -> dict[str, float]:
                     continue  # a metric never updated (no evaluation ran)
     finally:
         trainer.close()
-    return {**metrics, **_ema_metrics([e.controller for e in emas])}
+    emas = [a.controller for a in algorithms if isinstance(a, EMA)]
+    return trainer, trainer.state.model, emas, metrics, (folder if saving else None, "*.pt")
 
 
-def _run_transformers(config: RunConfig, folder: str) -> dict[str, float]:
+def _run_transformers(config: dict[str, Any], folder: str, path: Path) -> _Ran:
     import transformers
 
     from ema_callbacks.transformers import EMATrainerCallback
 
-    data = copy.deepcopy(config.config)
-    arguments = {"output_dir": folder, **dict(data.get("training_arguments") or {})}
+    arguments = {**(config.get("training_arguments") or {}), "output_dir": folder}
     transformers.set_seed(int(arguments.get("seed", 42)))
-    model = _instantiate(data["model"])
-    train_dataset = _instantiate(data["train_dataset"])
-    eval_dataset = _instantiate(data.get("eval_dataset"))
-    callbacks = _instantiate(data.get("callbacks") or [])
-    if not isinstance(callbacks, list):
-        callbacks = [callbacks]
-    check = _Validator(config.path, {})
-    compute_metrics = data.get("compute_metrics")
-    collator = data.get("data_collator")
+    callbacks = _instantiate(config.get("callbacks") or [])
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    check = _Check(Path("."))
+    paths = {k: config.get(k) for k in ("compute_metrics", "data_collator")}
     trainer = transformers.Trainer(
-        model=model,
+        model=_instantiate(config["model"]),
         args=transformers.TrainingArguments(**arguments),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=_instantiate(config["train_dataset"]),
+        eval_dataset=_instantiate(config.get("eval_dataset")),
         callbacks=callbacks,
-        compute_metrics=None
-        if compute_metrics is None
-        else check.target(compute_metrics, "compute_metrics"),
-        data_collator=None if collator is None else check.target(collator, "data_collator"),
+        **{k: check.target(v, k) for k, v in paths.items() if v is not None},
     )
     trainer.train()
-    evaluations = [
-        entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)
-    ]
+    evaluations = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
     metrics = _float_metrics(evaluations[-1]) if evaluations else {}
     emas = [c.controller for c in callbacks if isinstance(c, EMATrainerCallback)]
-    return {**metrics, **_ema_metrics(emas)}
+    return trainer, trainer.model, emas, metrics, (folder, "checkpoint-*")
 
 
-_RUNNERS: dict[str, Callable[[RunConfig, str], dict[str, float]]] = {
+_RUNNERS: dict[str, Callable[[dict[str, Any], str, Path], _Ran]] = {
     "composer": _run_composer,
     "lightning": _run_lightning,
     "transformers": _run_transformers,

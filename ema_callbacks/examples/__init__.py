@@ -8,6 +8,8 @@ trainer:
 ``ema_callbacks.examples.composer_digits``             ``digits_model``, ``digits_*_dataloader``
 ``ema_callbacks.examples.transformers_digits``         ``DigitsMLP``, ``DigitsMLPConfig``,
                                                        ``DigitsDataset``, ``compute_metrics``
+``ema_callbacks.examples.tokens``                      ``RandomTokens`` (torch only: token ids
+                                                       for a causal language model)
 =====================================================  ========================================
 
 and a ``run_digits_demo(epochs, half_life, seed, progress)`` that trains with the real trainer

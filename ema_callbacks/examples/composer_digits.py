@@ -1,6 +1,6 @@
 """Composer digits example: a ``ComposerClassifier`` factory, dataloaders and the demo.
 
-Importable by ``class_path`` from a YAML config (``configs/composer_digits.yaml``)::
+Importable by ``class_path`` from a YAML config (the bundled ``composer_digits``)::
 
     model:
       class_path: ema_callbacks.examples.composer_digits.digits_model

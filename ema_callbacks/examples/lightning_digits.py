@@ -1,6 +1,6 @@
 """Lightning digits example: a ``LightningModule``, a ``LightningDataModule`` and the demo.
 
-Importable by ``class_path`` from a LightningCLI YAML (``configs/lightning_digits.yaml``)::
+Importable by ``class_path`` from a LightningCLI YAML (the bundled ``lightning_digits``)::
 
     model:
       class_path: ema_callbacks.examples.lightning_digits.DigitsClassifier

@@ -13,14 +13,16 @@ import yaml
 from composer import Callback
 from composer.core import State
 from composer.loggers import Logger
+from safetensors.torch import load_file
 
 from ema_callbacks.composer import EMA
 from ema_callbacks.examples import composer_digits, digits_datasets, evaluate_logits
-from ema_callbacks.run_config import ConfigError, load_config, run
+from ema_callbacks.export import export_ema
+from ema_callbacks.run_config import ConfigError, load_config, run, train
 
 pytestmark = [pytest.mark.composer]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "ema_callbacks" / "configs"
 
 
 def explode(**kwargs: Any) -> None:
@@ -72,6 +74,16 @@ def test_composer_digits_config_gives_the_emas_metrics(tmp_path: Path) -> None:
     assert metrics["metrics/eval/CrossEntropy"] != pytest.approx(RECORDED[0]["raw"][1], abs=1e-3)
 
 
+def test_composer_run_keeps_the_checkpoint_and_the_ema_weights_it_holds(tmp_path: Path) -> None:
+    result = train(load_config("composer_digits", ["trainer.max_duration=1ep"]), tmp_path)
+    assert result.checkpoints == tmp_path
+    assert result.last_checkpoint == tmp_path / "ep1-ba43-rank0.pt"
+    export_ema(result.last_checkpoint, tmp_path / "export.safetensors")
+    mine, theirs = load_file(result.ema_weights), load_file(tmp_path / "export.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    composer_digits.digits_model().module.load_state_dict(mine)  # the bare module, strict
+
+
 def test_composer_demo_rows_are_the_emas() -> None:
     calls: list[tuple[int, int]] = []
     rows, model, ema = composer_digits._train(1, "0.5ep", 0, lambda d, t: calls.append((d, t)))
@@ -118,6 +130,8 @@ algorithms:
         ("  max_duration: 1ep", "  optimizers: null", "trainer.optimizers", ["top level"]),
         ("  max_duration: 1ep", "  max_duraton: 1ep", "trainer.max_duraton", ["max_duration"]),
         ("{lr: 0.1}", "{lr: 0.1, params: []}", "optimizer.init_args.params", ["model's"]),
+        ("  max_duration: 1ep", "  seed: zero", "trainer.seed", ["expected int or null", "'zero'"]),
+        ("{lr: 0.1}", "{lr: fast}", "optimizer.init_args.lr", ["'fast'"]),
     ],
 )
 def test_composer_config_errors_name_file_and_key_before_anything_is_built(
@@ -134,7 +148,7 @@ def test_composer_config_errors_name_file_and_key_before_anything_is_built(
     path.write_text(_COMPOSER)  # unedited, building the model is what fails
     load_config(path)
     with pytest.raises(AssertionError, match="built although"):
-        run(path)
+        run(path, output_dir=tmp_path / "out")
 
 
 def test_ema_options_reference_lists_every_composer_option_with_its_default() -> None:
