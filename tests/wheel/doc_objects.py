@@ -30,10 +30,11 @@ FENCE = re.compile(r"(?:^(?P<before>[^\n]*)\n)?^```python\n(?P<body>.*?)^```", r
 
 
 def blocks(text: str) -> list[tuple[int, str, str | None]]:
-    """``(line, code, fragment_reason)`` of every fenced python block that is not a doctest.
+    """``(line of the fence, code, fragment_reason)`` of every fenced python block that is not a
+    doctest.
 
     >>> blocks("x\\n```python\\na = 1\\n```\\n<!-- fragment: why -->\\n```python\\nb\\n```\\n")
-    [(2, 'a = 1\\n', None), (5, 'b\\n', 'why')]
+    [(2, 'a = 1\\n', None), (6, 'b\\n', 'why')]
     """
     found = []
     for m in FENCE.finditer(text):
