@@ -18,7 +18,10 @@ from an empty folder, the README's quickstarts and its command-line block.
 Environments are kept between runs under ``--envs`` (default
 ``~/.cache/ema-callbacks/wheel-envs/<checkout>``): one whose requirements (the wheel's
 ``Requires-Dist`` for its extra) are unchanged is reused, with only the wheel reinstalled when
-it changed; the wheel is rebuilt only when a file that goes into it changed (stamp files).
+it changed; the wheel is rebuilt only when a file that goes into it changed; and an
+environment's check is skipped while the wheel, the README and this folder are as they were when
+it last passed there (``--force`` runs it anyway). The plain-loop quickstarts train once per
+check; later environments get copies of their files.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def digest(paths: list[Path]) -> str:
         files = sorted(top.rglob("*")) if top.is_dir() else [top]
         for f in files:
             if f.is_file() and "__pycache__" not in f.parts:
-                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+                name = f.relative_to(ROOT) if ROOT in f.parents else f.name
+                h.update(str(name).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -199,7 +203,11 @@ def user_env(env: Path) -> dict[str, str]:
     }
 
 
-def check_env(env: Path, name: str, extras: list[str], headings: list[str]) -> dict[str, bool]:
+def check_env(
+    env: Path, name: str, extras: list[str], headings: list[str], made: Path | None
+) -> dict[str, bool]:
+    """Run the README in ``env``; ``made``: a folder where the plain-loop quickstarts already
+    ran in this check (their files are copied instead of training again)."""
     work = env.parent / f"{name}-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -213,12 +221,17 @@ def check_env(env: Path, name: str, extras: list[str], headings: list[str]) -> d
         fail(f"{name}: ema_callbacks is not the installed wheel: {where.stdout}{where.stderr}")
     readme = str(ROOT / "README.md")
     started = time.perf_counter()
-    out = run([python, str(HERE / "run_blocks.py"), readme, *PLAIN, *headings],
-              capture_output=True, cwd=work, env=environ)  # fmt: skip
-    if out.returncode != 0:
-        fail(f"{name}: README quickstarts:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    say(f"{name}: quickstarts ran ({', '.join(PLAIN + headings)}; "
-        f"{time.perf_counter() - started:.0f} s)")  # fmt: skip
+    quickstarts = headings if made else PLAIN + headings
+    if made:
+        shutil.copy2(made / "ema.pt", work / "ema.pt")
+        shutil.copytree(made / "snapshots", work / "snapshots")
+    if quickstarts:
+        out = run([python, str(HERE / "run_blocks.py"), readme, *quickstarts],
+                  capture_output=True, cwd=work, env=environ)  # fmt: skip
+        if out.returncode != 0:
+            fail(f"{name}: README quickstarts:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        say(f"{name}: quickstarts ran ({', '.join(quickstarts)}; "
+            f"{time.perf_counter() - started:.0f} s)")  # fmt: skip
     if not list((work / "snapshots").glob("*.safetensors")):
         fail(f"{name}: the post-hoc quickstart wrote no snapshot")
     passed = {}
@@ -255,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envs", type=Path, default=default_envs / key,
                         help="where the environments are kept (default: %(default)s)")  # fmt: skip
     parser.add_argument("--only", help="comma-separated environment names (default: all)")
+    parser.add_argument(
+        "--force", action="store_true", help="run every check, even where nothing changed"
+    )
     args = parser.parse_args(argv)
     if ROOT in args.envs.resolve().parents or args.envs.resolve() == ROOT:
         parser.error("--envs must be outside the repository")
@@ -267,11 +283,26 @@ def main(argv: list[str] | None = None) -> int:
     wheel, sdist = build(args.uv, args.envs / "dist")
     check_distributions(wheel, sdist)
     links = ["--find-links", args.find_links] if args.find_links else []
+    # What a passed check depends on besides its environment: a check is skipped while these
+    # and the environment are as they were when it last passed (--force runs it anyway).
+    inputs = digest([wheel, ROOT / "README.md", HERE])
     results: dict[str, dict[str, bool]] = {}
+    made: Path | None = None
     for name, extras, headings in ENVS:
-        if name in only:
-            env = environment(args.envs, name, extras, wheel, args.uv, links)
-            results[name] = check_env(env, name, extras, headings)
+        if name not in only:
+            continue
+        env = environment(args.envs, name, extras, wheel, args.uv, links)
+        passed = env / ".ema-wheel-check-passed.json"
+        if not args.force and passed.exists():
+            last = json.loads(passed.read_text())
+            if last["inputs"] == inputs:
+                say(f"{name}: passed before with this wheel, README and check; skipped")
+                results[name] = last["lines"]
+                continue
+        passed.unlink(missing_ok=True)
+        results[name] = check_env(env, name, extras, headings, made)
+        passed.write_text(json.dumps({"inputs": inputs, "lines": results[name]}))
+        made = made or env.parent / f"{name}-work"
     if set(only) == set(names):
         lines = next(iter(results.values()))
         never = [ln for ln in lines if not any(r[ln] for r in results.values())]
