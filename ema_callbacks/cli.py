@@ -54,6 +54,8 @@ DEMO_TRAINERS: list[tuple[str, str, str]] = [
     ("composer", "ema_callbacks.examples.composer_digits", "composer"),
 ]
 
+_NO_PLOT = 'none (matplotlib is not installed: pip install "ema-callbacks[demo]")'
+
 
 def _halflife(args: argparse.Namespace) -> int:
     if args.interval is None:  # one of the half-life's unit (1ba with --smoothing)
@@ -218,9 +220,6 @@ def _demo(args: argparse.Namespace) -> int:
         }
     )
     return 0
-
-
-_NO_PLOT = 'none (matplotlib is not installed: pip install "ema-callbacks[demo]")'
 
 
 def _run(args: argparse.Namespace) -> int:
