@@ -1,5 +1,5 @@
 """The package as a user installs it: build the wheel and the sdist once, install the wheel into
-fresh environments outside the repository (no extras, then each extra alone), and run there,
+fresh environments outside the repository (no extras, then each user-facing extra alone), and run there,
 from an empty folder, the README's quickstarts and its command-line block.
 
     python tests/wheel/check_wheel.py --uv .venv/bin/uv [--find-links DIR] [--only base,lightning]
@@ -47,6 +47,7 @@ ENVS: list[tuple[str, list[str], list[str]]] = [
     ("lightning", ["lightning"], ["Quickstart: Lightning"]),
     ("transformers", ["transformers"], ["Quickstart: Hugging Face transformers"]),
     ("composer", ["composer"], ["Quickstart: Composer"]),
+    ("demo", ["demo"], []),  # its quickstart is the demo line: plain loop, tqdm, the plot
 ]
 PLAIN = ["Quickstart: a plain PyTorch loop"]
 SOURCES = [
