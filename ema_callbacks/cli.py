@@ -96,7 +96,8 @@ def _report(values: dict[str, Any]) -> None:
 
 
 class _Progress:
-    """A tqdm bar when tqdm is installed, plain lines otherwise."""
+    """A tqdm bar when tqdm is installed, plain lines otherwise; on stderr, so that stdout holds
+    only the results."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -105,7 +106,7 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stdout)
+            self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stderr)
         except ImportError:  # pragma: no cover - tqdm is in the demo extra
             self.bar = None
 
@@ -116,7 +117,7 @@ class _Progress:
             self.bar.update(done - self.bar.n)  # rate-limited by tqdm's mininterval
         elif total and (10 * done) // total != self.last:
             self.last = (10 * done) // total
-            print(f"{self.label}: {done}/{total}", flush=True)
+            print(f"{self.label}: {done}/{total} steps", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

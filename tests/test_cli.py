@@ -203,6 +203,7 @@ def test_demo_prints_key_value_lines_and_a_table(tmp_path: Path) -> None:
     values = _lines(tail)
     assert set(values) == {"plot", "seconds"}
     assert values["plot"] == "p.png" if (tmp_path / "p.png").exists() else "none" in values["plot"]
+    assert "plain" in out.stderr  # the progress (tqdm's bar, or plain lines) is on stderr
 
 
 def test_a_missing_extra_is_a_failed_run_naming_the_extra(tmp_path: Path) -> None:
