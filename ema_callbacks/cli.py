@@ -586,7 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     named, or names a path that does not exist). Errors are one line on stderr; ``--debug`` shows the traceback as well.
     """
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2), already printed
+        return done.code if isinstance(done.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(args.command)
