@@ -35,6 +35,8 @@ import argparse
 import importlib
 import importlib.util
 import math
+import os
+import re
 import sys
 import time
 import traceback
@@ -378,8 +380,6 @@ def _smoothing(text: str) -> float:
 
 def _output_file(text: str) -> str:
     """A file to write: its folder must exist, and it must not be a folder itself."""
-    import os
-
     folder = os.path.dirname(text) or "."
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
@@ -631,8 +631,6 @@ _FLAGS = {
 def _flag_names(message: str, command: str) -> str:
     """``at='30ba' must be ...`` -> ``--at '30ba' must be ...``: an error that starts with a
     parameter's name speaks of the flag instead."""
-    import re
-
     for name, flag in _FLAGS.get(command, {}).items():
         match = re.match(rf"{name}(=|:|\s)", message)
         if match:
