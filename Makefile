@@ -10,7 +10,7 @@ FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 UV := .venv/bin/uv
 export UV_LINK_MODE ?= copy
 
-.PHONY: all setup demo test test-main test-composer lint format bench clean
+.PHONY: all setup demo test test-main test-composer test-wheel lint format bench clean
 
 all: test
 
@@ -46,10 +46,17 @@ test-main: .venv/.installed
 	.venv/bin/python -m pytest -p no:cacheprovider tests ema_callbacks docs README.md
 
 test-composer: .venv-composer/.installed
-	.venv-composer/bin/python -m pytest -p no:cacheprovider tests/composer tests/core ema_callbacks/composer.py ema_callbacks/examples ema_callbacks/run_config.py docs/composer.md -m "not distributed"
+	.venv-composer/bin/python -m pytest -p no:cacheprovider tests/composer tests/core ema_callbacks/composer.py ema_callbacks/examples ema_callbacks/run_config.py docs/composer.md tests/test_docs.py -m "not distributed"
 
-# The README's test command: lint, types, then both suites.
-test: lint test-main test-composer
+# The package as users get it: the wheel (and sdist) built once, installed with no extras and
+# with each extra alone into fresh environments outside the repository (kept under
+# ~/.cache/ema-callbacks/wheel-envs and reused while the wheel's requirements are unchanged),
+# where the README's quickstarts and command-line block run. See tests/wheel/check_wheel.py.
+test-wheel: .venv/.installed
+	.venv/bin/python tests/wheel/check_wheel.py --uv $(UV) $(FIND_LINKS)
+
+# The README's test command: lint, types, both suites, then the wheel.
+test: lint test-main test-composer test-wheel
 
 bench: .venv-composer/.installed
 	.venv-composer/bin/python benchmarks/bench_engine.py --write docs/performance.md

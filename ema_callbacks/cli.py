@@ -13,11 +13,19 @@
                           profiles and post-hoc reconstructions, a table and a PNG plot
 ========================  ==================================================================
 
+Every command prints its results as ``key: value`` lines; errors and warnings are one line on
+stderr, ``ema-callbacks COMMAND: error: ...`` (exit status 2 for bad usage, 1 for a failed
+run) and ``ema-callbacks COMMAND: warning: ...``.
+
 >>> main(['halflife', '--smoothing', '0.999', '--interval', '1ba'])
-smoothing 0.999 per 1ba = half_life 693ba
+smoothing: 0.999
+interval: 1ba
+half_life: 693ba
 0
->>> main(['halflife', '--half-life', '693ba', '--interval', '1ba'])
-half_life 693ba at update_interval 1ba = smoothing 0.999000
+>>> main(['halflife', '--half-life', '693ba'])     # the interval: 1 of the half-life's unit
+half_life: 693ba
+interval: 1ba
+smoothing: 0.999000
 0
 """
 
@@ -27,9 +35,12 @@ import argparse
 import importlib
 import importlib.util
 import math
+import os
+import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,11 +56,14 @@ DEMO_TRAINERS: list[tuple[str, str, str]] = [
     ("composer", "ema_callbacks.examples.composer_digits", "composer"),
 ]
 
+_NO_PLOT = 'none (matplotlib is not installed: pip install "ema-callbacks[demo]")'
+
 
 def _halflife(args: argparse.Namespace) -> int:
-    interval = Time.parse(args.interval, "--interval")
-    if interval.value == 0 or interval.is_infinite:
-        raise ValueError(f"--interval must be positive and finite; got '{interval}'")
+    if args.interval is None:  # one of the half-life's unit (1ba with --smoothing)
+        unit = "ba" if args.half_life is None else args.half_life.unit.value
+        args.interval = Time.parse(f"1{unit}")
+    interval = args.interval
     if args.smoothing is not None:
         half_life = smoothing_to_half_life(args.smoothing, float(interval.value))
         if math.isinf(half_life):
@@ -58,21 +72,34 @@ def _halflife(args: argparse.Namespace) -> int:
             value = f"{half_life:.0f}"
         else:
             value = f"{half_life:.6g}"
-        print(f"smoothing {args.smoothing:g} per {interval} = half_life {value}{interval.unit}")
+        _report(
+            {
+                "smoothing": f"{args.smoothing:g}",
+                "interval": interval,
+                "half_life": f"{value}{interval.unit}",
+            }
+        )
     else:
-        half_life_time = Time.parse(args.half_life, "--half-life")
+        half_life_time = args.half_life
         if half_life_time.unit is not interval.unit:
             raise ValueError(
                 "--half-life and --interval must use the same unit; "
                 f"got '{half_life_time}' and '{interval}'"
             )
         beta = half_life_to_smoothing(float(half_life_time.value), float(interval.value))
-        print(f"half_life {half_life_time} at update_interval {interval} = smoothing {beta:.6f}")
+        _report({"half_life": half_life_time, "interval": interval, "smoothing": f"{beta:.6f}"})
     return 0
 
 
+def _report(values: dict[str, Any]) -> None:
+    """The one output style of every command: ``key: value`` lines on stdout."""
+    for key, value in values.items():
+        print(f"{key}: {value}", flush=True)
+
+
 class _Progress:
-    """A tqdm bar when tqdm is installed, plain lines otherwise."""
+    """A tqdm bar when tqdm is installed, plain lines otherwise; on stderr, so that stdout holds
+    only the results."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -81,7 +108,7 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stdout)
+            self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stderr)
         except ImportError:  # pragma: no cover - tqdm is in the demo extra
             self.bar = None
 
@@ -92,7 +119,7 @@ class _Progress:
             self.bar.update(done - self.bar.n)  # rate-limited by tqdm's mininterval
         elif total and (10 * done) // total != self.last:
             self.last = (10 * done) // total
-            print(f"{self.label}: {done}/{total}", flush=True)
+            print(f"{self.label}: {done}/{total} steps", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -113,7 +140,6 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print('(no plot: pip install "ema-callbacks[demo]" for matplotlib)')
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (trainer, rows) in enumerate(results.items()):
@@ -149,41 +175,53 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: str) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ema_callbacks.demo import format_table
+    from ema_callbacks.demo import digits_tensors, format_table
     from ema_callbacks.examples import run_digits_demo as run_plain
 
     started = time.perf_counter()
+    digits_tensors()  # the data first: without scikit-learn this names the extra, at once
+    wanted = args.trainers or ["plain"] + [label for label, _, _ in DEMO_TRAINERS]
     runs: list[tuple[str, Callable[..., list[dict[str, Any]]]]] = [("plain", run_plain)]
     skipped = []
     for label, module, package in DEMO_TRAINERS:
-        if args.trainers and label not in args.trainers:
+        if label not in wanted:
             continue
         if not _available(package):
+            if args.trainers:  # asked for by name: a missing extra is a failed run
+                raise ImportError(
+                    f'--trainers {label}: {package} is not installed; pip install "ema-callbacks[{label}]"'
+                )
             skipped.append(label)
             continue
         runs.append((label, importlib.import_module(module).run_digits_demo))
-    if args.trainers:
-        runs = [(label, fn) for label, fn in runs if label in args.trainers or label == "plain"]
-    print(
-        "Training a small MLP on scikit-learn's digits with each installed trainer; "
-        f"EMA half-life {args.half_life}, {args.epochs} epochs."
+    _report(
+        {
+            "data": "scikit-learn digits (a small MLP)",
+            "trainers": ", ".join(label for label, _ in runs),
+            **({"not_installed": ", ".join(skipped)} if skipped else {}),
+            "epochs": args.epochs,
+            "half_life": args.half_life,
+        }
     )
-    if skipped:
-        print(f"(not installed here: {', '.join(skipped)})")
     results: dict[str, list[dict[str, Any]]] = {}
     for label, fn in runs:
         progress = _Progress(label)
         try:
             results[label] = fn(
-                epochs=args.epochs, half_life=args.half_life, seed=args.seed, progress=progress
+                epochs=args.epochs, half_life=str(args.half_life), seed=args.seed, progress=progress
             )
         finally:
             progress.close()
     print()
     print(format_table({label: rows[-1] for label, rows in results.items()}))
-    if _plot(results, args.plot):
-        print(f"\nplot of the validation curves: {args.plot}")
-    print(f"done in {time.perf_counter() - started:.0f} s")
+    print()
+    plotted = _plot(results, args.plot)
+    _report(
+        {
+            "plot": args.plot if plotted else _NO_PLOT,
+            "seconds": f"{time.perf_counter() - started:.0f}",
+        }
+    )
     return 0
 
 
@@ -258,8 +296,7 @@ def _export(args: argparse.Namespace) -> int:
         format=args.format,
         force=args.force,
     )
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    _report(summary)
     return 0
 
 
@@ -268,32 +305,20 @@ def _default_export_output(format: str) -> str:
 
 
 def _posthoc(args: argparse.Namespace) -> int:
-    import warnings
-
     from ema_callbacks.posthoc import _gamma, posthoc_command
 
     if args.sigma_rel is not None:
         _gamma(args.sigma_rel, "--sigma-rel")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            summary = posthoc_command(
-                args.inputs,
-                args.output,
-                sigma_rel=args.sigma_rel,
-                half_life=args.half_life,
-                at=args.at,
-                dtype=args.dtype,
-                progress=True,
-            )
-        finally:
-            for w in caught:  # worded for the command line, not Python's warning format
-                print(
-                    f"ema-callbacks posthoc: warning: {' '.join(str(w.message).split())}",
-                    file=sys.stderr,
-                )
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    summary = posthoc_command(
+        args.inputs,
+        args.output,
+        sigma_rel=args.sigma_rel,
+        half_life=None if args.half_life is None else str(args.half_life),
+        at=None if args.at is None else str(args.at),
+        dtype=args.dtype,
+        progress=True,
+    )
+    _report(summary)
     return 0
 
 
@@ -306,35 +331,121 @@ def _sweep(args: argparse.Namespace) -> int:
     )
 
     started = time.perf_counter()
-    print(
-        f"Training a small MLP on scikit-learn's digits once ({args.steps} steps), tracking "
-        f"{len(DEFAULT_HALF_LIVES)} half-lives and sigma_rel 0.05/0.10 (with snapshots) in one EMA."
+    _report(
+        {
+            "data": "scikit-learn digits (a small MLP), trained once",
+            "steps": args.steps,
+            "half_lives": f"{len(DEFAULT_HALF_LIVES)} tracked together in one EMA",
+            "posthoc": "sigma_rel 0.05 and 0.10 snapshots, reconstructed on a grid",
+        }
     )
     progress = _Progress("sweep")
     try:
-        result = half_life_sweep(steps=args.steps, seed=args.seed, progress=progress)
+        result = half_life_sweep(
+            steps=args.steps, seed=args.seed, progress=progress, snapshot_folder=args.snapshots
+        )
     finally:
         progress.close()
     table = format_sweep_table(result)
     print()
     print(table)
+    print()
     if args.table:
         with open(args.table, "w", encoding="utf-8") as f:
             f.write(table + "\n")
-        print(f"\ntable: {args.table}")
-    if plot_sweep(result, args.output):
-        print(f"\nplot: {args.output}")
-    else:
-        print('(no plot: pip install "ema-callbacks[demo]" for matplotlib)')
-    print(f"training {result.seconds:.1f} s; done in {time.perf_counter() - started:.0f} s")
+    plotted = plot_sweep(result, args.output)
+    _report(
+        {
+            **({"table": args.table} if args.table else {}),
+            **({"snapshots": args.snapshots} if args.snapshots else {}),
+            "plot": args.output if plotted else _NO_PLOT,
+            "training_seconds": f"{result.seconds:.1f}",
+            "seconds": f"{time.perf_counter() - started:.0f}",
+        }
+    )
     return 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with every option's default (as ArgumentDefaultsHelpFormatter, but silent where
+    there is none to show: no default, a flag that is off, or help that already says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in help
+            or "default" in help
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return help
+        return f"{help} (default: %(default)s)"
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _time(positive: bool = False) -> Callable[[str], Time]:
+    """A time string; ``positive``: also above zero and finite."""
+
+    def parse(text: str) -> Time:
+        try:
+            value = Time.parse(text, "VALUE")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("VALUE ")) from None
+        if positive and (value.value == 0 or value.is_infinite):
+            raise argparse.ArgumentTypeError(f"must be positive and finite; got {text!r}")
+        return value
+
+    parse.__name__ = "time string"
+    return parse
+
+
+def _smoothing(text: str) -> float:
+    try:
+        value = float(text)
+        smoothing_to_half_life(value, 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number between 0 and 1; got {text!r}"
+        ) from None
+    return value
+
+
+def _output_file(text: str) -> str:
+    """A file to write: its folder must exist, and it must not be a folder itself."""
+    folder = os.path.dirname(text) or "."
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
     from ema_callbacks import __version__
 
     parser = argparse.ArgumentParser(
-        prog="ema-callbacks", description="Exponential moving averages of model weights."
+        prog="ema-callbacks",
+        description="Exponential moving averages of model weights: the demo, YAML runs, "
+        "exports of the EMA from checkpoints, post-hoc EMA and half-life arithmetic.",
+        epilog="ema-callbacks COMMAND --help describes each command. Exit status: 0 done, "
+        "1 the run failed (a damaged file, a missing extra), 2 bad usage.",
     )
     parser.add_argument("--version", action="version", version=f"ema-callbacks {__version__}")
     # Options every subcommand takes (after the subcommand's name).
@@ -342,16 +453,41 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--debug", action="store_true", help="show the full traceback when the command fails"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo", parents=[common], help="train on scikit-learn's digits: raw vs EMA, per trainer"
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            parents=[common],
+            help=help,
+            description=description,
+            formatter_class=_HelpFormatter,
+        )
+
+    demo = command(
+        "demo",
+        "train on scikit-learn's digits: raw vs EMA, per trainer",
+        "Train a small MLP on scikit-learn's digits (bundled with scikit-learn, nothing is "
+        "downloaded) with a plain PyTorch loop and every installed trainer, evaluating the "
+        "training weights and the EMA after every epoch; print a raw-vs-EMA table and write a "
+        'PNG of the curves. Needs scikit-learn: pip install "ema-callbacks[demo]".',
     )
-    demo.add_argument("--epochs", type=int, default=6)
-    demo.add_argument("--half-life", default="0.5ep")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--plot", default="ema_demo.png", help="where to write the PNG plot")
-    demo.add_argument("--trainers", nargs="*", help="only these (plain always runs)")
+    demo.add_argument("--epochs", type=_integer(1), default=6, help="epochs per trainer")
+    demo.add_argument(
+        "--half-life", type=_time(), default="0.5ep", help="the EMA's half-life, a time string"
+    )
+    demo.add_argument("--seed", type=_integer(0), default=0, help="seeds data split and weights")
+    demo.add_argument(
+        "--plot", type=_output_file, default="ema_demo.png", help="where to write the PNG plot"
+    )
+    demo.add_argument(
+        "--trainers",
+        nargs="+",
+        choices=["plain", *(label for label, _, _ in DEMO_TRAINERS)],
+        metavar="TRAINER",
+        help="only these: plain, lightning, transformers, composer (default: every installed "
+        "one; plain always runs)",
+    )
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser(
@@ -396,15 +532,12 @@ def _parser() -> argparse.ArgumentParser:
     run.__class__ = _IntermixedParser
     run.set_defaults(func=_run)
 
-    export = sub.add_parser(
+    export = command(
         "export",
-        parents=[common],
-        help="write a checkpoint's EMA weights as safetensors or a save_pretrained folder",
-        description=(
-            "Write the EMA weights of a checkpoint as a plain safetensors state dict (keys: the "
-            "model's names without wrapper prefixes such as DDP's or Composer's 'module.'), or "
-            "with --format hf a transformers save_pretrained folder. Never writes over an input."
-        ),
+        "write a checkpoint's EMA weights as safetensors or a save_pretrained folder",
+        "Write the EMA weights of a checkpoint as a plain safetensors state dict (keys: the "
+        "model's names without wrapper prefixes such as DDP's or Composer's 'module.'), or "
+        "with --format hf a transformers save_pretrained folder. Never writes over an input.",
     )
     export.add_argument(
         "checkpoint",
@@ -414,8 +547,8 @@ def _parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         default=None,
-        help="the file to write (default ema.safetensors), or the folder with --format hf "
-        "(default ema_model)",
+        help="the file to write (default: ema.safetensors), or the folder with --format hf "
+        "(default: ema_model)",
     )
     export.add_argument(
         "--format",
@@ -429,13 +562,17 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PREFIX",
         help="keep the tensors under PREFIX (e.g. 'model.', the module inside a "
-        "LightningModule), renamed without it; repeatable",
+        "LightningModule), renamed without it; repeatable (default: keep every name)",
     )
-    export.add_argument("--dtype", help="cast floating tensors, e.g. float16 or bfloat16")
-    export.add_argument("--name", help="which EMA, if a checkpoint folder holds several")
+    export.add_argument(
+        "--dtype", help="cast floating tensors, e.g. float16 or bfloat16 (default: as stored)"
+    )
+    export.add_argument(
+        "--name", help="which EMA, if a checkpoint folder holds several (default: the only one)"
+    )
     export.add_argument(
         "--profile",
-        help="which of several EMAs tracked together (e.g. ema_1000ba; default the primary one)",
+        help="which of several EMAs tracked together, e.g. ema_1000ba (default: the primary one)",
     )
     export.add_argument(
         "--force",
@@ -445,26 +582,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=_export)
 
-    hl = sub.add_parser(
-        "halflife", parents=[common], help="convert between smoothing (decay) and half-life"
+    hl = command(
+        "halflife",
+        "convert between smoothing (decay) and half-life",
+        "Convert a per-update smoothing (decay, e.g. 0.999) into a half-life at an update "
+        "interval, or a half-life into the smoothing per update: beta ** (half_life / interval) "
+        "= 0.5.",
     )
     group = hl.add_mutually_exclusive_group(required=True)
-    group.add_argument("--smoothing", type=float, help="per-update decay, e.g. 0.999")
-    group.add_argument("--half-life", help="a time string, e.g. 693ba")
-    hl.add_argument("--interval", default="1ba", help="update interval (default 1ba)")
+    group.add_argument("--smoothing", type=_smoothing, help="per-update decay, e.g. 0.999")
+    group.add_argument("--half-life", type=_time(), help="a time string, e.g. 693ba or 1ep")
+    hl.add_argument(
+        "--interval",
+        type=_time(positive=True),
+        help="the update interval, a time string (default: 1 of the half-life's unit, e.g. 1ep "
+        "for --half-life 2ep; 1ba with --smoothing)",
+    )
     hl.set_defaults(func=_halflife)
 
-    ph = sub.add_parser(
+    ph = command(
         "posthoc",
-        parents=[common],
-        help="reconstruct an EMA from post-hoc snapshots (EDM2)",
-        description=(
-            "Reconstruct a power-function EMA (--sigma-rel) or an exponential EMA (--half-life) "
-            "from post-hoc EMA snapshots and write it as a safetensors state dict. Never writes "
-            "over an input."
-        ),
+        "reconstruct an EMA from post-hoc snapshots (EDM2)",
+        "Reconstruct a power-function EMA (--sigma-rel) or an exponential EMA (--half-life) "
+        "from post-hoc EMA snapshots and write it as a safetensors state dict. Never writes "
+        "over an input.",
     )
-    ph.add_argument("inputs", nargs="+", help="snapshot files or folders (searched recursively)")
+    ph.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="SNAPSHOTS",
+        help="snapshot files or folders (searched recursively)",
+    )
     ph.add_argument(
         "-o", "--output", default="posthoc_ema.safetensors", help="the safetensors file to write"
     )
@@ -475,9 +623,15 @@ def _parser() -> argparse.ArgumentParser:
         help="relative width of the power-function EMA to reconstruct, between 0 and 0.2887",
     )
     target.add_argument(
-        "--half-life", help="half-life of an exponential EMA, in the snapshots' unit (e.g. 2000ba)"
+        "--half-life",
+        type=_time(positive=True),
+        help="half-life of an exponential EMA, in the snapshots' unit (e.g. 2000ba)",
     )
-    ph.add_argument("--at", help="snapshot time to reconstruct at (default: the latest)")
+    ph.add_argument(
+        "--at",
+        type=_time(),
+        help="the snapshot time to reconstruct at (default: the latest snapshot's)",
+    )
     ph.add_argument(
         "--dtype",
         default="float32",
@@ -486,15 +640,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     ph.set_defaults(func=_posthoc)
 
-    sw = sub.add_parser(
+    sw = command(
         "sweep",
-        parents=[common],
-        help="accuracy against EMA half-life on digits, from one run (table and plot)",
+        "accuracy against EMA half-life on digits, from one run (table and plot)",
+        "Train a small MLP on scikit-learn's digits once, tracking several half-lives in one "
+        "EMA and post-hoc snapshots; print the validation accuracy of each tracked and "
+        "reconstructed half-life and write a PNG plot. Needs scikit-learn.",
     )
-    sw.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--output", default="half_life_sweep.png", help="where to write the PNG plot")
-    sw.add_argument("--table", help="also write the markdown table to this file")
+    sw.add_argument("--steps", type=_integer(1), default=1000, help="optimizer steps")
+    sw.add_argument("--seed", type=_integer(0), default=0, help="seeds data split and weights")
+    sw.add_argument(
+        "--output",
+        type=_output_file,
+        default="half_life_sweep.png",
+        help="where to write the PNG plot",
+    )
+    sw.add_argument("--table", type=_output_file, help="also write the markdown table to this file")
+    sw.add_argument(
+        "--snapshots",
+        metavar="FOLDER",
+        help="keep the post-hoc snapshots in this folder (default: a temporary one, deleted)",
+    )
     sw.set_defaults(func=_sweep)
     return parser
 
@@ -507,19 +673,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     named, or names a path that does not exist). Errors are one line on stderr; ``--debug`` shows the traceback as well.
     """
     parser = _parser()
-    args = parser.parse_args(argv)
-    debug = bool(getattr(args, "debug", False))
     try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        print(f"ema-callbacks {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if debug:
-            traceback.print_exc()
-        status = _exit_status(err)
-        print(f"ema-callbacks {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return status
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2), already printed
+        return done.code if isinstance(done.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(args.command)
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            print(f"ema-callbacks {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:
+            if debug:
+                traceback.print_exc()
+            status = _exit_status(err)
+            message = _flag_names(_one_line(err), args.command)
+            print(f"ema-callbacks {args.command}: error: {message}", file=sys.stderr)
+            return status
+
+
+def _warning_printer(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: ``ema-callbacks CMD: warning: MSG``, one
+    line, without Python's file, line and category."""
+
+    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        text = " ".join(str(message).split())
+        print(f"ema-callbacks {command}: warning: {text}", file=sys.stderr, flush=True)
+
+    return show
+
+
+# The library's parameter names as the command line spells them, where a command passes its
+# arguments on under those names.
+_FLAGS = {
+    "export": {"output": "--output", "dtype": "--dtype", "name": "--name", "profile": "--profile",
+               "strip_prefix": "--strip-prefix", "format": "--format", "path": "CHECKPOINT"},
+    "posthoc": {"folders_or_files": "SNAPSHOTS", "at": "--at", "half_life": "--half-life",
+                "sigma_rel": "--sigma-rel", "dtype": "--dtype", "output": "--output"},
+}  # fmt: skip
+
+
+def _flag_names(message: str, command: str) -> str:
+    """``at='30ba' must be ...`` -> ``--at '30ba' must be ...``: an error that starts with a
+    parameter's name speaks of the flag instead."""
+    for name, flag in _FLAGS.get(command, {}).items():
+        match = re.match(rf"{name}(=|:|\s)", message)
+        if match:
+            sep = " " if match.group(1) == "=" else match.group(1)
+            return flag + sep + message[match.end() :]
+    return message
 
 
 def _exit_status(err: BaseException) -> int:

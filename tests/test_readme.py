@@ -46,14 +46,20 @@ def test_quick_cli_commands_run_as_written() -> None:
                 cwd=ROOT,
             )
             comment = next(c for c in README.splitlines() if line in c).split("#", 1)[1].strip()
-            assert out.stdout.strip() == comment
+            assert comment in out.stdout.splitlines()  # the comment is a line it prints
             ran += 1
     assert ran >= 1
 
 
-def test_documented_files_exist() -> None:
-    for link in re.findall(r"\]\(((?:docs|configs)/[^)]+)\)", README):
-        assert (ROOT / link).exists(), link
+def test_documented_files_exist_and_links_are_absolute() -> None:
+    """The README is the package index page: no relative links (they break there); the docs
+    it names by path exist (the sdist carries docs/: tests/wheel/check_wheel.py)."""
+    links = re.findall(r"\]\(([^)]+)\)", README)
+    assert all(link.startswith(("https://", "http://")) for link in links), links
+    named = set(re.findall(r"docs/[\w./-]+\.md", README))
+    assert len(named) >= 10
+    for doc in named:
+        assert (ROOT / doc).exists(), doc
     for line in bash_lines():
         for arg in shlex.split(line):
             if arg.startswith("configs/"):
@@ -66,5 +72,5 @@ def test_every_cli_command_in_readme_exists() -> None:
     commands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     for line in bash_lines():
         argv = shlex.split(line)
-        if argv and argv[0] == "ema-callbacks":
+        if argv and argv[0] == "ema-callbacks" and not argv[1].startswith("-"):
             assert argv[1] in commands, line

@@ -102,7 +102,7 @@ def test_cli_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert table.read_text().startswith("| half-life | tracked accuracy |")
     _assert_png(png)
     assert main(["sweep", "--steps", "0"]) == 2
-    assert "steps must be a positive integer" in capsys.readouterr().err
+    assert "--steps: must be a positive integer" in capsys.readouterr().err
 
 
 def test_module_entry_point(tmp_path: Path) -> None:
