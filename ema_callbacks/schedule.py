@@ -624,7 +624,7 @@ class Schedule:
         (Composer's) implies, since it does not store when it last updated.
 
         >>> Schedule(half_life='10ba', update_interval='4ba').resumed_state(Clock(batch=10)).last['ba']
-        8.0
+        8
         """
         last = clock.as_dict()
         interval = self.update_interval
@@ -633,7 +633,7 @@ class Schedule:
             last[interval.unit.value] = float(
                 math.floor(now / interval.value + 1e-9) * interval.value
             )
-        return ScheduleState(started=True, last={k: float(v) for k, v in last.items()})
+        return ScheduleState(started=True, last={k: _progress(k, v) for k, v in last.items()})
 
     def skip(self, state: ScheduleState) -> None:
         """Record that a due update was skipped (non-finite weights); time is not advanced, so

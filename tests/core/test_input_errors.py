@@ -276,3 +276,22 @@ def test_refused_step_counts_nothing() -> None:
     assert ema.clock.sample == 4 and ema.clock.batch == 1
     ema.step(model, samples=4)
     assert ema.clock.sample == 8 and ema.clock.batch == 2
+
+
+def test_schedule_state_keeps_integer_progress_integers() -> None:
+    # A resumed state must have the types of the one written (Composer compares checkpoints
+    # type-strictly): ba/sp/tok progress as int, also when a JSON/float copy is read back.
+    from ema_callbacks.schedule import Clock, Schedule, ScheduleState
+
+    read = ScheduleState.from_dict(
+        {"started": True, "last": {"ba": 3.0, "ep": 1.0, "sp": 24.0, "start_ba": 1.0, "dur": 0.5}}
+    )
+    assert {k: type(v) for k, v in read.last.items()} == {
+        "ba": int,
+        "ep": float,
+        "sp": int,
+        "start_ba": int,
+        "dur": float,
+    }
+    resumed = Schedule(half_life="4ba", update_interval="2ba").resumed_state(Clock(batch=5))
+    assert resumed.last["ba"] == 4 and type(resumed.last["ba"]) is int
