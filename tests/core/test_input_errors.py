@@ -295,3 +295,29 @@ def test_schedule_state_keeps_integer_progress_integers() -> None:
     }
     resumed = Schedule(half_life="4ba", update_interval="2ba").resumed_state(Clock(batch=5))
     assert resumed.last["ba"] == 4 and type(resumed.last["ba"]) is int
+
+
+# -- found by tests/core/test_properties_entry_points.py -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"smoothing": [0.0, 0.0]}, "smoothing"),
+        ({"smoothing": [0.9999999, 0.99999999]}, "smoothing"),  # both print as 'ema_1'
+        ({"half_life": ["10ba", "10BA"]}, "half_life"),
+    ],
+)
+def test_a_list_giving_two_emas_one_name_names_the_option(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}=.*: two EMAs share the name"):
+        EMA(_model(), **kwargs)
+
+
+@pytest.mark.parametrize("value", [2**53 + 1, 10**400, -(10**400)])
+def test_an_integer_a_float_cannot_hold_is_refused(value: int) -> None:
+    with pytest.raises(ValueError, match=r"^rampup_ratio must be a number a float holds exactly"):
+        EMA(_model(), half_life="10ba", rampup_ratio=value)
+    assert (
+        EMA(_model(), half_life="10ba", rampup_ratio=2**53).controller.schedule.rampup_ratio
+        == 2**53
+    )
