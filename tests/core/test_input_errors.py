@@ -3,6 +3,8 @@ names the parameter the user typed and quotes the value as typed (issue 15)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -321,3 +323,9 @@ def test_an_integer_a_float_cannot_hold_is_refused(value: int) -> None:
         EMA(_model(), half_life="10ba", rampup_ratio=2**53).controller.schedule.rampup_ratio
         == 2**53
     )
+
+
+@pytest.mark.parametrize("typed", ["+0ba", "Infinityba", "0.5DUR"])
+def test_max_duration_quoted_as_typed(typed: str) -> None:
+    with pytest.raises(ValueError, match=rf"^max_duration must .*; got {re.escape(repr(typed))}$"):
+        EMA(_model(), max_duration=typed)
