@@ -59,6 +59,7 @@ from torch import nn
 try:
     from composer.callbacks import CheckpointSaver
     from composer.core import Algorithm, Event, State, TimeUnit
+    from composer.core import Time as ComposerTime
     from composer.core.precision import get_precision_context
     from composer.devices import DeviceMPS
     from composer.loggers import Logger
@@ -69,7 +70,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without Compose
     ) from _err
 
 from ema_callbacks.controller import STATE_FORMAT, EMAController, _snapshot_folder_option
-from ema_callbacks.schedule import Clock
+from ema_callbacks.schedule import Clock, half_life_to_smoothing
 from ema_callbacks.time_strings import Time
 from ema_callbacks.weights import expand_aliases, normalize_name, unwrap_model
 
@@ -126,6 +127,40 @@ def _to_cpu(outputs: Any) -> Any:
     if isinstance(outputs, Sequence) and not isinstance(outputs, str):
         return [v.cpu() if isinstance(v, torch.Tensor) else v for v in outputs]
     return outputs
+
+
+def _as_time_text(value: Any) -> Any:
+    """A Composer ``Time`` (``Time(50, TimeUnit.BATCH)``, ``Time.from_timestring('1ep')``) as
+    the time string it stands for; lists (several EMAs) element by element; anything else
+    unchanged, for the core to validate."""
+    if isinstance(value, ComposerTime):
+        number = value.value
+        text = repr(number) if isinstance(number, float) else str(number)
+        return f"{text}{value.unit.value}"
+    if isinstance(value, (list, tuple)):
+        return [_as_time_text(v) for v in value]
+    return value
+
+
+_TIME_OPTIONS = ("half_life", "update_interval", "start", "ema_start")
+
+
+class _EMAParameters:
+    """Composer's ``EMAParameters`` as read from this EMA: ``named_parameters_dict`` and
+    ``named_buffers_dict`` of the EMA tensors, keyed as ``state.model.named_parameters()``
+    and ``named_buffers()`` name them (the live tensors; do not modify)."""
+
+    def __init__(
+        self, parameters: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> None:
+        self.named_parameters_dict = parameters
+        self.named_buffers_dict = buffers
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.named_parameters_dict.items()
+
+    def named_buffers(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.named_buffers_dict.items()
 
 
 def _composer_state_to_names(
@@ -264,6 +299,19 @@ class EMA(Algorithm):  # type: ignore[misc]
         snapshot_folder: str | os.PathLike[str] | None = None,
     ) -> None:
         explicit_half_life = half_life is not _DEFAULT_HALF_LIFE
+        # Composer Time objects stand for their time strings (Composer's own EMA takes only
+        # strings; its attributes hold Time objects, see the properties below).
+        half_life = _as_time_text(half_life)
+        ema_start = _as_time_text(ema_start)
+        update_interval = _as_time_text(update_interval)
+        snapshot_every = _as_time_text(snapshot_every)
+        if isinstance(profiles, (list, tuple)):
+            profiles = [
+                {k: _as_time_text(v) if k in _TIME_OPTIONS else v for k, v in p.items()}
+                if isinstance(p, Mapping)
+                else p
+                for p in profiles
+            ]
         if half_life is not None and not explicit_half_life:
             half_life = str(half_life)
         if profiles is not None:
@@ -341,6 +389,85 @@ class EMA(Algorithm):  # type: ignore[misc]
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._shown.items() if v is not None)
         return f"EMA({args})"
+
+    # -- composer.algorithms.EMA's public attributes (read-only) ----------------------------
+
+    @property
+    def half_life(self) -> ComposerTime | None:
+        """The primary EMA's half-life as a Composer ``Time`` (None with ``smoothing`` or
+        ``sigma_rel``; Composer's attribute is missing then).
+
+        >>> EMA(half_life='50ba').half_life
+        Time(50, TimeUnit.BATCH)
+        """
+        half_life = self.controller.schedule.half_life
+        return None if half_life is None else ComposerTime.from_timestring(str(half_life))
+
+    @property
+    def smoothing(self) -> float | None:
+        """Composer's per-update smoothing: ``smoothing``, or ``2 ** (-update_interval /
+        half_life)`` when both are in the same unit (then every update at a fixed interval uses
+        exactly it; the smoothing of each update comes from the progress actually elapsed);
+        None where no constant exists (``sigma_rel``, or units that differ).
+
+        >>> EMA(half_life='10ba').smoothing == 2 ** (-1 / 10)
+        True
+        """
+        schedule = self.controller.schedule
+        if schedule.smoothing is not None:
+            return schedule.smoothing
+        half_life, interval = schedule.half_life, schedule.update_interval
+        if half_life is None or half_life.unit is not interval.unit:
+            return None
+        return half_life_to_smoothing(float(half_life.value), float(interval.value))
+
+    @property
+    def ema_start(self) -> ComposerTime:
+        """When the (primary) EMA starts, as a Composer ``Time``.
+
+        >>> EMA(ema_start='10ba').ema_start
+        Time(10, TimeUnit.BATCH)
+        """
+        return ComposerTime.from_timestring(str(self.controller.schedule.start))
+
+    @property
+    def update_interval(self) -> ComposerTime:
+        """How often the (primary) EMA updates, as a Composer ``Time``.
+
+        >>> EMA(half_life='2ep').update_interval
+        Time(1, TimeUnit.EPOCH)
+        """
+        return ComposerTime.from_timestring(str(self.controller.schedule.update_interval))
+
+    @property
+    def ema_started(self) -> bool:
+        """Whether the (primary) EMA has started (Composer's ``ema_started``)."""
+        return self.controller.started
+
+    @property
+    def ema_weights_active(self) -> bool:
+        """Whether the model holds EMA weights now (Composer's ``ema_weights_active``)."""
+        return self.controller.weights_active == "ema"
+
+    @property
+    def ema_model(self) -> _EMAParameters | None:
+        """The (primary) EMA as Composer's ``EMAParameters``: ``named_parameters_dict`` and
+        ``named_buffers_dict`` keyed by the trained model's names; None before the EMA has
+        started. Unlike Composer's, it holds the EMA weights also while they are swapped
+        into the model (Composer's then holds the training weights).
+
+        >>> EMA(half_life='5ba').ema_model is None
+        True
+        """
+        weights = self.controller.weights
+        if weights is None or not self.controller.started:
+            return None
+        shadow = weights.state_dict()
+        parameters: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
+        for entry in weights._entries:
+            (parameters if entry.is_param else buffers)[entry.model_name] = shadow[entry.name]
+        return _EMAParameters(parameters, buffers)
 
     # -- clock ------------------------------------------------------------------------------
 

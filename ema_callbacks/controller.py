@@ -491,6 +491,14 @@ class EMAController:
                     f"and {', '.join(f'{k}={v!r}' for k, v in others.items())}"
                 )
             schedules = [Schedule(**{key: v}, **shared) for v in values]
+            default_names = [profile_name(sch) for sch in schedules]
+            twice = sorted({n for n in default_names if default_names.count(n) > 1})
+            if twice:
+                raise ValueError(
+                    f"{key}={values!r}: two EMAs share the name {twice[0]!r} (a repeated "
+                    "value, or values that print alike); give each a name with "
+                    f"profiles=[{{'name': 'a', {key!r}: ...}}, ...]"
+                )
         else:
             schedules = [Schedule(**averaging, **shared)]  # type: ignore[arg-type]
         return cls(

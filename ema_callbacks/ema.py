@@ -161,12 +161,10 @@ class EMA:
         if self.max_duration is not None:
             if self.max_duration.unit is TimeUnit.DURATION:
                 raise ValueError(
-                    f"max_duration must be in 'ba', 'ep', 'sp' or 'tok'; got '{self.max_duration}'"
+                    f"max_duration must be in 'ba', 'ep', 'sp' or 'tok'; got {max_duration!r}"
                 )
             if self.max_duration.value == 0 or self.max_duration.is_infinite:
-                raise ValueError(
-                    f"max_duration must be positive and finite; got '{self.max_duration}'"
-                )
+                raise ValueError(f"max_duration must be positive and finite; got {max_duration!r}")
         if TimeUnit.DURATION in self.controller.units and self.max_duration is None:
             raise ValueError(
                 "this EMA uses 'dur' times, which need the planned length of the run: "

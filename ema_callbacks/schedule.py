@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,6 +368,11 @@ def _as_typed(value: Any) -> str:
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    if isinstance(value, int):
+        # An integer a float cannot hold would be rounded (2**53 + 1) or overflow.
+        if abs(value) > 2**53 and (abs(value) > sys.float_info.max or float(value) != value):
+            raise ValueError(f"{name} must be a number a float holds exactly; got {value!r}")
+        return float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must be a number, not NaN; got {value!r}")
     return float(value)
@@ -624,7 +630,7 @@ class Schedule:
         (Composer's) implies, since it does not store when it last updated.
 
         >>> Schedule(half_life='10ba', update_interval='4ba').resumed_state(Clock(batch=10)).last['ba']
-        8.0
+        8
         """
         last = clock.as_dict()
         interval = self.update_interval
@@ -633,7 +639,7 @@ class Schedule:
             last[interval.unit.value] = float(
                 math.floor(now / interval.value + 1e-9) * interval.value
             )
-        return ScheduleState(started=True, last={k: float(v) for k, v in last.items()})
+        return ScheduleState(started=True, last={k: _progress(k, v) for k, v in last.items()})
 
     def skip(self, state: ScheduleState) -> None:
         """Record that a due update was skipped (non-finite weights); time is not advanced, so

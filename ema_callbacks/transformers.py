@@ -595,7 +595,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     >>> EMATrainerCallback(name='a/b')
     Traceback (most recent call last):
     ...
-    ValueError: name must be letters, digits, '_', '.' or '-' (it names files); got 'a/b'
+    ValueError: name must be a file-name component of at most 100 letters, digits, '_', '.' or '-', not starting with '.' or '-' (it names checkpoint files); got 'a/b'
 
     A full run (the tests run this for real)::
 

@@ -3,6 +3,8 @@ names the parameter the user typed and quotes the value as typed (issue 15)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -276,3 +278,54 @@ def test_refused_step_counts_nothing() -> None:
     assert ema.clock.sample == 4 and ema.clock.batch == 1
     ema.step(model, samples=4)
     assert ema.clock.sample == 8 and ema.clock.batch == 2
+
+
+def test_schedule_state_keeps_integer_progress_integers() -> None:
+    # A resumed state must have the types of the one written (Composer compares checkpoints
+    # type-strictly): ba/sp/tok progress as int, also when a JSON/float copy is read back.
+    from ema_callbacks.schedule import Clock, Schedule, ScheduleState
+
+    read = ScheduleState.from_dict(
+        {"started": True, "last": {"ba": 3.0, "ep": 1.0, "sp": 24.0, "start_ba": 1.0, "dur": 0.5}}
+    )
+    assert {k: type(v) for k, v in read.last.items()} == {
+        "ba": int,
+        "ep": float,
+        "sp": int,
+        "start_ba": int,
+        "dur": float,
+    }
+    resumed = Schedule(half_life="4ba", update_interval="2ba").resumed_state(Clock(batch=5))
+    assert resumed.last["ba"] == 4 and type(resumed.last["ba"]) is int
+
+
+# -- found by tests/core/test_properties_entry_points.py -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"smoothing": [0.0, 0.0]}, "smoothing"),
+        ({"smoothing": [0.9999999, 0.99999999]}, "smoothing"),  # both print as 'ema_1'
+        ({"half_life": ["10ba", "10BA"]}, "half_life"),
+    ],
+)
+def test_a_list_giving_two_emas_one_name_names_the_option(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}=.*: two EMAs share the name"):
+        EMA(_model(), **kwargs)
+
+
+@pytest.mark.parametrize("value", [2**53 + 1, 10**400, -(10**400)])
+def test_an_integer_a_float_cannot_hold_is_refused(value: int) -> None:
+    with pytest.raises(ValueError, match=r"^rampup_ratio must be a number a float holds exactly"):
+        EMA(_model(), half_life="10ba", rampup_ratio=value)
+    assert (
+        EMA(_model(), half_life="10ba", rampup_ratio=2**53).controller.schedule.rampup_ratio
+        == 2**53
+    )
+
+
+@pytest.mark.parametrize("typed", ["+0ba", "Infinityba", "0.5DUR"])
+def test_max_duration_quoted_as_typed(typed: str) -> None:
+    with pytest.raises(ValueError, match=rf"^max_duration must .*; got {re.escape(repr(typed))}$"):
+        EMA(_model(), max_duration=typed)
