@@ -16,14 +16,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-for _name in ("lightning", "lightning.pytorch", "lightning.pytorch.callbacks"):
-    sys.modules[_name] = None  # type: ignore[assignment]  # an import of these raises ImportError
+if __name__ == "__main__":  # not when pytest imports this file for its doctests
+    for _name in ("lightning", "lightning.pytorch", "lightning.pytorch.callbacks"):
+        sys.modules[_name] = None  # type: ignore[assignment]  # importing these raises ImportError
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytorch_lightning as pl
+import torch
+from torch import nn
 
-from ema_callbacks.lightning import EMACallback  # noqa: E402
+from ema_callbacks.lightning import EMACallback
 
 PROFILES = [{"name": "fast", "half_life": "2ba"}, {"name": "slow", "half_life": "6ba"}]
 QUIET: dict[str, Any] = {
