@@ -10,6 +10,8 @@
 # Each is rebuilt only when its requirements file or pyproject.toml changes.
 
 PYTHON ?= python3
+# The interpreter of .venv-oldest (e.g. OLDEST_PYTHON=python3.10 after rm -rf .venv-oldest).
+OLDEST_PYTHON ?= $(PYTHON)
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 UV := .venv/bin/uv
 export UV_LINK_MODE ?= copy
@@ -34,7 +36,7 @@ setup: .venv/.installed .venv-composer/.installed
 	touch $@
 
 .venv-oldest/.installed: .venv/bin/uv requirements/oldest.txt pyproject.toml
-	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
+	test -x .venv-oldest/bin/python || $(OLDEST_PYTHON) -m venv .venv-oldest
 	$(UV) pip install -q --python .venv-oldest/bin/python -r requirements/oldest.txt -e .
 	touch $@
 
