@@ -46,6 +46,7 @@ import copy
 import importlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,20 @@ if not _bases:  # pragma: no cover - depends on the environment
         "ema_callbacks.lightning needs Lightning (lightning.pytorch or pytorch_lightning); "
         f"install it with: {_EXTRA}"
     )
+# The oldest Lightning tested (pyproject's lightning>=2.5). pip enforces it for the `lightning`
+# package of the extra, not for `pytorch_lightning`: 2.4 replays a batch when it resumes from a
+# mid-epoch checkpoint and restores no callback state in validate/test(ckpt_path=...), which
+# would evaluate other EMAs than the checkpoint's without a word.
+_OLDEST = (2, 5)
+for _base in _bases:
+    _package = _base.__module__.split(".")[0]
+    _version = str(getattr(importlib.import_module(_package), "__version__", ""))
+    _found = re.match(r"(\d+)\.(\d+)", _version)
+    if _found and (int(_found[1]), int(_found[2])) < _OLDEST:
+        raise ImportError(
+            f"ema_callbacks.lightning needs Lightning >= {_OLDEST[0]}.{_OLDEST[1]}; "
+            f"{_package} {_version} is installed (pip install -U {_package.replace('_', '-')})"
+        )
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer

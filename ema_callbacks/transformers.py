@@ -321,6 +321,8 @@ class _Run:
     release_gathered: Any = None  # ZeRO-3: DeepSpeed's empty_partition_cache, or None
     gathered_as: str = "training"  # the weights DeepSpeed's gathered parameters came from
     manual: int = 0  # depth of EMATrainerCallback.ema_weights blocks (no per-profile evaluation)
+    # (resume_from_checkpoint,) of the train() call running through our wrapper; None outside
+    train_call: tuple[Any] | None = None
 
     @property
     def evaluates_profiles(self) -> bool:
@@ -334,6 +336,7 @@ class _EvalGuard:
 
     evaluating: int = 0  # depth of trainer.evaluate() calls
     expanding: bool = False  # inside the per-profile expansion of an evaluation loop
+    loops: int = 0  # evaluation loops run inside trainer.evaluate() so far
 
 
 def _sync_gathered(run: _Run, force: bool = False) -> None:
@@ -373,18 +376,51 @@ def _zero3_layout(model: nn.Module) -> tuple[tuple[int, int], dict[str, list[int
     return (dist.get_rank(), world), shapes
 
 
-def _find_trainer(depth: int = 12) -> tuple[Any, dict[str, Any]]:
-    """The ``Trainer`` calling this hook, and the locals of its frame (the Trainer passes
-    neither itself nor ``resume_from_checkpoint`` to callbacks)."""
-    frame = sys._getframe(1)
+def _layout_error(what: str) -> RuntimeError:
+    """The error for a ``Trainer`` this adapter does not know how to hook: it names the
+    installed transformers version, since every such assumption is tested per version."""
+    return RuntimeError(
+        f"EMATrainerCallback cannot hook this Trainer (transformers {transformers.__version__}): "
+        f"{what}. The adapter is tested with transformers 4.47 to 5.x; please report the "
+        "Trainer class and version"
+    )
+
+
+def _find_trainer(callback: Any, hook: str, depth: int = 12) -> tuple[Any, dict[str, Any]]:
+    """The ``Trainer`` whose callback handler runs ``callback.<hook>``, and the locals of its
+    frame. The Trainer passes itself to no callback and has no public way to find it, so this
+    walks up the calling frames to the first ``transformers.Trainer`` (subclasses included)
+    whose ``callback_handler.callbacks`` holds this very callback; a RuntimeError naming the
+    transformers version if there is none (a hook called by hand, or a Trainer that no longer
+    calls its callbacks from its own methods), rather than an EMA that is never evaluated.
+    """
+    frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             break
         owner = frame.f_locals.get("self")
         if isinstance(owner, transformers.Trainer):
-            return owner, dict(frame.f_locals)
+            handler = getattr(owner, "callback_handler", None)
+            if any(c is callback for c in getattr(handler, "callbacks", ())):
+                return owner, dict(frame.f_locals)
         frame = frame.f_back  # type: ignore[assignment]
-    return None, {}
+    raise _layout_error(
+        f"{hook} was not called by a transformers.Trainer holding this callback (the Trainer "
+        "is found on the call stack: it passes itself to no callback); give the callback to "
+        "Trainer(callbacks=[...]) or trainer.add_callback(...) instead of calling its hooks"
+    )
+
+
+def _resume_path(value: Any, output_dir: str) -> str | None:
+    """The checkpoint folder ``Trainer.train(resume_from_checkpoint=value)`` resumes from, as
+    the Trainer documents it: a path, ``True`` for the last checkpoint in ``output_dir``."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir)
+    return None
 
 
 def _json_list(value: Any) -> Any:
@@ -457,9 +493,35 @@ def _profile_metrics(
     return {k: v for k, v in output.metrics.items() if not k.endswith(_PREPARATION)}
 
 
+def _check_evaluation_layout(trainer: Any) -> None:
+    """Refuse, at setup, a Trainer whose evaluation the per-profile expansion cannot hook:
+    ``trainer.evaluate()`` must run ``trainer.evaluation_loop(..., metric_key_prefix=...)``
+    (transformers 4.47 to 5.x do, except 4.x with ``use_legacy_prediction_loop``)."""
+    if "metric_key_prefix" not in inspect.signature(trainer.evaluation_loop).parameters:
+        raise _layout_error(
+            f"{type(trainer).__name__}.evaluation_loop takes no metric_key_prefix, so the "
+            "metrics of each EMA profile cannot be named; with several EMAs pass "
+            "eval_all=False (only the primary EMA is evaluated)"
+        )
+    if getattr(trainer.args, "use_legacy_prediction_loop", False):
+        raise _layout_error(
+            "TrainingArguments(use_legacy_prediction_loop=True) evaluates with prediction_loop, "
+            "which the per-profile evaluation does not hook; unset it, or pass eval_all=False"
+        )
+
+
+def _expanding_runs(runs: Mapping[str, _Run]) -> list[_Run]:
+    """The runs whose evaluations cover every profile now (none inside ``ema_weights``)."""
+    if any(run.manual for run in runs.values()):
+        return []
+    return [run for run in runs.values() if run.evaluates_profiles]
+
+
 def _wrap_evaluation(trainer: Any, runs: Mapping[str, _Run]) -> None:
     """Wrap this Trainer instance's ``evaluate`` and ``evaluation_loop`` (the instance
-    attributes; the class is untouched), once per Trainer.
+    attributes; the class is untouched), once per Trainer. The Trainer has no hook between
+    its evaluation loop and the metrics it logs, so the loop is wrapped; a test per supported
+    transformers version proves the layout (``tests/transformers/test_hf_layout.py``).
 
     Inside ``trainer.evaluate()`` (during training or called by hand), when an EMA callback
     evaluates several EMAs (``eval_all``), the evaluation loop runs on the training weights
@@ -467,7 +529,9 @@ def _wrap_evaluation(trainer: Any, runs: Mapping[str, _Run]) -> None:
     (``{prefix}_{profile}_{metric}``); all the metrics go into the one result that
     ``evaluate`` logs, passes to ``on_evaluate`` and returns. ``predict`` is not affected, nor
     is an evaluation inside :meth:`EMATrainerCallback.ema_weights` (it evaluates what the
-    block put in).
+    block put in). An ``evaluate`` that ran no ``evaluation_loop`` (a subclass's own) raises
+    a RuntimeError instead of returning metrics without the profiles'. An exception inside
+    ``evaluate`` puts the training weights back before it propagates.
     """
     if "_ema_callbacks_eval" in vars(trainer):
         return
@@ -479,21 +543,31 @@ def _wrap_evaluation(trainer: Any, runs: Mapping[str, _Run]) -> None:
     @functools.wraps(evaluate)
     def evaluate_all(*args: Any, **kwargs: Any) -> Any:
         guard.evaluating += 1
+        loops = guard.loops
         try:
-            return evaluate(*args, **kwargs)
+            result = evaluate(*args, **kwargs)
+        except BaseException:
+            for run in runs.values():
+                if run.eval_swap:  # the EMA swapped in for this evaluation: training weights back
+                    run.eval_swap = False
+                    run.controller.exception()
+                    _sync_gathered(run)
+            raise
         finally:
             guard.evaluating -= 1
+        if guard.loops == loops and _expanding_runs(runs):
+            raise _layout_error(
+                f"{type(trainer).__name__}.evaluate() ran no evaluation_loop, so no EMA "
+                "profile was evaluated; with several EMAs on such a Trainer pass eval_all=False"
+            )
+        return result
 
     @functools.wraps(loop)
     def evaluation_loop(*args: Any, **kwargs: Any) -> Any:
-        chosen = [run for run in runs.values() if run.evaluates_profiles]
-        if (
-            not guard.evaluating
-            or guard.expanding
-            or not chosen
-            or any(run.manual for run in runs.values())
-            or "metric_key_prefix" not in signature.parameters
-        ):
+        if guard.evaluating:
+            guard.loops += 1
+        chosen = _expanding_runs(runs)
+        if not guard.evaluating or guard.expanding or not chosen:
             return loop(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -748,11 +822,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         class's) is wrapped so that training weights are in the model before a run loads a
         checkpoint and after any exception, which is then re-raised. Its ``evaluate`` and
         ``evaluation_loop`` are wrapped once per Trainer (:func:`_wrap_evaluation`) to
-        evaluate every profile.
+        evaluate every profile; a Trainer whose evaluation that cannot hook is refused here.
+        The wrapped ``train`` also records its ``resume_from_checkpoint`` (the documented
+        argument) for :meth:`on_train_begin`.
         """
-        if trainer is None:
-            return
         runs = vars(trainer).setdefault("_ema_callbacks_runs", {})
+        if self._run.evaluates_profiles:
+            _check_evaluation_layout(trainer)
         _wrap_evaluation(trainer, runs)
         run = runs.get(self.name)
         if run is not None:
@@ -770,6 +846,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
                     )
         runs[self.name] = run = self._run
         original = trainer.train
+        signature = inspect.signature(original)
 
         @functools.wraps(original)
         def train(*args: Any, **kwargs: Any) -> Any:
@@ -777,12 +854,19 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             run.controller.exception()
             _sync_gathered(run)
             try:
+                resume = signature.bind(*args, **kwargs).arguments.get("resume_from_checkpoint")
+            except TypeError:
+                resume = None  # the Trainer raises its own error for bad arguments
+            run.train_call = (resume,)
+            try:
                 return original(*args, **kwargs)
             except BaseException:
                 run.eval_swap = False
                 run.controller.exception()
                 _sync_gathered(run)
                 raise
+            finally:
+                run.train_call = None
 
         trainer.train = train
 
@@ -816,7 +900,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             raise
 
     def _resume(self, args: Any, state: Any, resume_path: Any) -> None:
-        path = resume_path if isinstance(resume_path, (str, os.PathLike)) else None
+        path = _resume_path(resume_path, args.output_dir)
         if path is None:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         try:
@@ -837,7 +921,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     # -- hooks -----------------------------------------------------------------------------
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._attach(_find_trainer()[0])
+        self._attach(_find_trainer(self, "on_init_end")[0])
         clock = self._clock(args, state)
         # 'dur' is known from on_train_begin on (max_steps); check the rest now.
         self.controller.check_clock(
@@ -854,9 +938,13 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         assert model is not None
-        trainer, frame = _find_trainer()
+        trainer, frame = _find_trainer(self, "on_train_begin")
         self._attach(trainer)
         run = self._run
+        # The checkpoint: train()'s own argument, recorded by the wrapper; for a train() that
+        # started before this callback was added (trainer.add_callback), the training loop's
+        # local of that name (the loop's layout is tested per transformers version).
+        resume = run.train_call[0] if run.train_call else frame.get("resume_from_checkpoint")
         run.controller.exception()  # a previous train() may have left its EMA in
         _sync_gathered(run)
         run.controller = EMAController.create(**self._options)
@@ -883,7 +971,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
                 "integration (TrainingArguments(deepspeed=...))"
             )
         if state.global_step > 0:
-            self._resume(args, state, frame.get("resume_from_checkpoint"))
+            self._resume(args, state, resume)
         run.controller.fit_start(model, self._clock(args, state), _TOKENS_HINT)
         _sync_gathered(run, force=True)  # a resume may have written training partitions
         if run.controller.snapshot_schedule is not None and self._writes_snapshots(state):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
@@ -29,3 +31,22 @@ def test_missing_lightning_names_the_extra() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert 'pip install "ema-callbacks[lightning]"' in result.stdout
+
+
+OLD = """
+import pytorch_lightning
+pytorch_lightning.__version__ = '2.4.0'  # as installed without the extra's lightning>=2.5
+try:
+    import ema_callbacks.lightning
+except ImportError as err:
+    print(err)
+"""
+
+
+def test_lightning_older_than_the_floor_is_refused() -> None:
+    pytest.importorskip("pytorch_lightning")
+    result = subprocess.run(
+        [sys.executable, "-c", OLD], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "needs Lightning >= 2.5; pytorch_lightning 2.4.0 is installed" in result.stdout

@@ -24,6 +24,8 @@ from ema_callbacks.transformers import EMATrainerCallback
 
 def test_ba_counts_optimizer_steps_with_gradient_accumulation(tmp_path):
     # 20 samples, batch 2, accumulation 3: 10 micro-batches -> 4 optimizer steps (3+3+3+1).
+    # max_steps=4: for one epoch transformers 4.47 plans floor(10 / 3) = 3 steps and stops
+    # before the partial one (5.x plans ceil), but its epoch loop runs all four when allowed.
     rec, ema = Recorder(), EMATrainerCallback(half_life="3ba")
     tr = trainer(
         tmp_path,
@@ -31,9 +33,11 @@ def test_ba_counts_optimizer_steps_with_gradient_accumulation(tmp_path):
         data=TinyData(20),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=3,
+        max_steps=4,
     )
     tr.train()
     assert sorted(rec.steps) == [1, 2, 3, 4]
+    assert tr.state.epoch == pytest.approx(1.0)  # the fourth step is the epoch's partial one
     assert ema.controller.num_updates == 3  # step 1 initialises, steps 2-4 average
     expected = reference_ema(rec.steps, {k: 1.0 for k in rec.steps}, 3.0)
     assert_close(shadow(ema), expected)
