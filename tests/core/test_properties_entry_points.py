@@ -9,6 +9,7 @@ Each entry point runs where its framework is installed: this file is collected b
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import re
 from collections.abc import Callable
@@ -32,34 +33,48 @@ def _plain(**kwargs: Any) -> Any:
     return EMA(torch.nn.Linear(2, 2), **kwargs)
 
 
+def _need(distribution: str, module: str) -> None:
+    """Skip unless ``distribution`` is installed: by distribution, since ``tests/composer`` can
+    be importable as a namespace package called ``composer`` where Composer is not."""
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed")
+    pytest.importorskip(module)
+
+
 def _composer(**kwargs: Any) -> Any:
-    pytest.importorskip("composer")
+    _need("mosaicml", "composer")
     from ema_callbacks.composer import EMA as ComposerEMA
 
     return ComposerEMA(**kwargs)
 
 
 def _lightning(**kwargs: Any) -> Any:
-    pytest.importorskip("lightning")
+    _need("lightning", "lightning")
     from ema_callbacks.lightning import EMACallback
 
     return EMACallback(**kwargs)
 
 
 def _transformers(**kwargs: Any) -> Any:
-    pytest.importorskip("transformers")
+    _need("transformers", "transformers")
     from ema_callbacks.transformers import EMATrainerCallback
 
     return EMATrainerCallback(**kwargs)
 
 
-FRAMEWORKS = {"composer": "composer", "lightning": "lightning", "transformers": "transformers"}
+FRAMEWORKS = {
+    "composer": ("mosaicml", "composer"),
+    "lightning": ("lightning", "lightning"),
+    "transformers": ("transformers", "transformers"),
+}
 
 
 def require(entry: str) -> None:
     """Skip where the entry point's framework is not installed."""
     if entry in FRAMEWORKS:
-        pytest.importorskip(FRAMEWORKS[entry])
+        _need(*FRAMEWORKS[entry])
 
 
 ENTRY_POINTS: dict[str, Callable[..., Any]] = {

@@ -74,6 +74,11 @@ def main(out: Path) -> None:
     run("full", 8)
     run("stop", 4)
     run("resumed", 8, ckpt_path=str(out / "ckpt" / "step=4.ckpt"))
+    # A clean teardown: a gloo group left to the interpreter's exit can abort the process
+    # ("terminate called without an active exception", exit -6) after all the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
