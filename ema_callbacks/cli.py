@@ -32,6 +32,7 @@ smoothing: 0.999000
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -84,7 +85,7 @@ def _halflife(args: argparse.Namespace) -> int:
         if half_life_time.unit is not interval.unit:
             raise ValueError(
                 "--half-life and --interval must use the same unit; "
-                f"got '{half_life_time}' and '{interval}'"
+                f"got {_typed(half_life_time)!r} and {_typed(interval)!r}"
             )
         beta = half_life_to_smoothing(float(half_life_time.value), float(interval.value))
         _report({"half_life": half_life_time, "interval": interval, "smoothing": f"{beta:.6f}"})
@@ -313,8 +314,8 @@ def _posthoc(args: argparse.Namespace) -> int:
         args.inputs,
         args.output,
         sigma_rel=args.sigma_rel,
-        half_life=None if args.half_life is None else str(args.half_life),
-        at=None if args.at is None else str(args.at),
+        half_life=None if args.half_life is None else _typed(args.half_life),
+        at=None if args.at is None else _typed(args.at),
         dtype=args.dtype,
         progress=True,
     )
@@ -400,6 +401,17 @@ def _integer(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+@dataclasses.dataclass(frozen=True)
+class _TypedTime(Time):
+    """A parsed time string that remembers its text, so messages quote what the user typed."""
+
+    typed: str = dataclasses.field(default="", compare=False, repr=False)
+
+
+def _typed(value: Time) -> str:
+    return getattr(value, "typed", "") or str(value)
+
+
 def _time(positive: bool = False) -> Callable[[str], Time]:
     """A time string; ``positive``: also above zero and finite."""
 
@@ -410,7 +422,7 @@ def _time(positive: bool = False) -> Callable[[str], Time]:
             raise argparse.ArgumentTypeError(str(err).removeprefix("VALUE ")) from None
         if positive and (value.value == 0 or value.is_infinite):
             raise argparse.ArgumentTypeError(f"must be positive and finite; got {text!r}")
-        return value
+        return _TypedTime(value.value, value.unit, typed=text)
 
     parse.__name__ = "time string"
     return parse

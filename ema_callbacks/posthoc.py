@@ -820,7 +820,8 @@ def _plan(
     h = None if half_life is None else Time.parse(half_life, "half_life")
     if h is not None and (h.is_infinite or h.value == 0):
         raise ValueError(
-            f"half_life must be positive and finite for a post-hoc reconstruction; got '{h}'"
+            "half_life must be positive and finite for a post-hoc reconstruction; "
+            f"got {half_life!r}"
         )
     used, out_time, unit = _select(snapshots, at)
     times = torch.tensor([s.time for s in used], dtype=torch.float64)
@@ -832,7 +833,7 @@ def _plan(
         labels = [f"sigma_rel={s!r}" for s in sigma_rels]
     else:
         if h.unit.value != unit:
-            raise ValueError(f"half_life='{h}' must be in the snapshots' unit '{unit}'")
+            raise ValueError(f"half_life={half_life!r} must be in the snapshots' unit '{unit}'")
         x, errors = _solve_half_life_coefficients(
             times, gammas, out_time, float(h.value), integral=TimeUnit(unit).integral
         )

@@ -32,6 +32,16 @@ def test_halflife_both_ways(capsys: pytest.CaptureFixture[str]) -> None:
     assert _lines(capsys.readouterr().out)["smoothing"] == "0.500000"
     assert main(["halflife", "--half-life", "10ba", "--interval", "1ep"]) == 2
     assert "same unit" in capsys.readouterr().err
+    # Quoted as typed, not normalised.
+    assert main(["halflife", "--half-life", "+10BA", "--interval", "1E0ep"]) == 2
+    assert "got '+10BA' and '1E0ep'" in capsys.readouterr().err
+
+
+def test_posthoc_quotes_the_half_life_as_typed() -> None:
+    from ema_callbacks.posthoc import reconstruct
+
+    with pytest.raises(ValueError, match=r"got '\+0ba'"):
+        reconstruct([], half_life="+0ba")
 
 
 def test_halflife_interval_defaults_to_the_half_lifes_unit(
