@@ -57,7 +57,7 @@ test-main: .venv/.installed
 	.venv/bin/python -m pytest -p no:cacheprovider tests ema_callbacks docs README.md
 
 test-composer: .venv-composer/.installed
-	.venv-composer/bin/python -m pytest -p no:cacheprovider tests/composer tests/core ema_callbacks/composer.py ema_callbacks/examples ema_callbacks/run_config.py docs/composer.md tests/test_docs.py -m "not distributed"
+	.venv-composer/bin/python -m pytest -p no:cacheprovider tests/composer tests/core ema_callbacks/composer.py ema_callbacks/examples ema_callbacks/run_config.py docs/composer.md tests/test_docs.py tests/test_docs_commands.py -m "not distributed"
 
 # The package as users get it: the wheel (and sdist) built once, installed with no extras and
 # with each extra alone into fresh environments outside the repository (kept under

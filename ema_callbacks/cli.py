@@ -99,39 +99,30 @@ def _report(values: dict[str, Any]) -> None:
 
 
 class _Progress:
-    """A tqdm bar when tqdm is installed, plain lines otherwise; on stderr, so that stdout holds
-    only the results."""
+    """A tqdm bar on stderr, so that stdout holds only the results."""
 
     def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar: Any = None
-        self.last = -1
-        try:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stderr)
-        except ImportError:  # pragma: no cover - tqdm is in the demo extra
-            self.bar = None
+        self.bar = tqdm(desc=f"{label:12s}", total=1, unit="step", leave=True, file=sys.stderr)
 
     def __call__(self, done: int, total: int) -> None:
-        if self.bar is not None:
-            if self.bar.total != total:
-                self.bar.total = total
-            self.bar.update(done - self.bar.n)  # rate-limited by tqdm's mininterval
-        elif total and (10 * done) // total != self.last:
-            self.last = (10 * done) // total
-            print(f"{self.label}: {done}/{total} steps", file=sys.stderr, flush=True)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)  # rate-limited by tqdm's mininterval
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _available(package: str) -> bool:
+    """Whether ``package`` is installed: a module or regular package, not a namespace package
+    (a folder of that name in the working directory, such as a ``composer/`` of one's own)."""
     try:
-        return importlib.util.find_spec(package) is not None
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return False
+    return spec is not None and spec.origin is not None
 
 
 def _plot(results: dict[str, list[dict[str, Any]]], path: str) -> bool:
