@@ -117,6 +117,10 @@ def check_distributions(wheel: Path, sdist: Path) -> None:
     for needed in ("License-Expression: Apache-2.0", "License-File: LICENSE", "Classifier: "):
         if needed not in meta:
             fail(f"the wheel's METADATA lacks {needed!r}")
+    offered = set(re.findall(r"^Provides-Extra: (\S+)$", meta, re.M))
+    tested = {extra for _, extras, _ in ENVS for extra in extras}
+    if offered != tested:
+        fail(f"the wheel offers the extras {sorted(offered)}; this check installs {sorted(tested)}")
     if re.search(r"\]\((?!https?://)[^)]*\)", meta):
         fail("the README (the index page) has a relative link")
     with zipfile.ZipFile(wheel) as z:
