@@ -63,6 +63,14 @@ def rows(model: nn.Module) -> dict[str, Callable[[], Any]]:
     weights = ema.controller.weights
     assert weights is not None
     out["ema_callbacks EMAWeights.update_"] = lambda: weights.update_(1 - DECAY)
+    # The other averages through the same call (docs/averaging.md): uniform (SWA) is one lerp
+    # like the EMA; BEMA adds three passes forming its evaluated weights.
+    uniform = EMA(model, uniform=True)
+    uniform.step(model)
+    out["ema_callbacks EMA.step(model), uniform=True"] = lambda: uniform.step(model)
+    bema = EMA(model, ema_power=0.5)
+    bema.step(model)
+    out["ema_callbacks EMA.step(model), BEMA"] = lambda: bema.step(model)
 
     def swap() -> None:
         with ema.swapped(model):

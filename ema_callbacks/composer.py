@@ -69,7 +69,13 @@ except ImportError as _err:  # pragma: no cover - exercised only without Compose
         'ema_callbacks.composer needs MosaicML Composer: pip install "ema-callbacks[composer]"'
     ) from _err
 
-from ema_callbacks.controller import STATE_FORMAT, EMAController, _snapshot_folder_option
+from ema_callbacks.controller import (
+    STATE_FORMAT,
+    EMAController,
+    _snapshot_folder_option,
+    first_batches,
+)
+from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, half_life_to_smoothing
 from ema_callbacks.time_strings import Time
 from ema_callbacks.weights import expand_aliases, normalize_name, unwrap_model
@@ -193,7 +199,8 @@ class EMA(Algorithm):  # type: ignore[misc]
     """Exponential moving average of the model's weights, as a Composer ``Algorithm``.
 
     Same arguments, defaults and meaning as ``composer.algorithms.EMA`` first, then this
-    library's options. Evaluation (and ``Trainer.predict``) runs on the EMA weights, training
+    library's options, which every entry point shares: documented once, in
+    :mod:`ema_callbacks.options` (``docs/options.md``), and listed under Args at import. Evaluation (and ``Trainer.predict``) runs on the EMA weights, training
     on the training weights; checkpoints written by a ``CheckpointSaver`` hold the EMA weights
     in their model slot and the training weights in this algorithm's state.
 
@@ -202,7 +209,8 @@ class EMA(Algorithm):  # type: ignore[misc]
             ``dur``; the smoothing per update comes from the progress actually made since the
             previous update, ``2 ** (-elapsed / half_life)``. ``'0ba'``: the EMA follows the
             model; ``'infba'``: it never moves. Default ``'1000ba'``; it gives way when
-            ``smoothing``, ``sigma_rel`` or ``profiles`` is given (Composer raises instead),
+            another average (``smoothing``, ``sigma_rel``, the BEMA options, ``uniform``) or
+            ``profiles`` is given (Composer raises instead),
             but an explicit ``half_life`` together with ``smoothing`` is an error. A list
             (``['100ba', '1000ba']``) tracks one EMA per element.
         smoothing: a constant decay per update (``0.999``) instead of a half-life; or a list.
@@ -212,35 +220,6 @@ class EMA(Algorithm):  # type: ignore[misc]
             ``ep`` half-life (Composer's default). Any unit; it need not match the half-life's.
         train_with_ema_weights: after every update, copy the EMA into the training weights
             (the model trains on the average). One EMA only.
-        sigma_rel: EDM2's power-function EMA with this relative width, instead of a half-life;
-            or a list.
-        warmup, warmup_gamma, warmup_power, rampup_ratio: warm-ups, see
-            :class:`~ema_callbacks.schedule.Schedule` (all off by default).
-        include, exclude, trainable_only, buffers, dtype, device, nonfinite: which tensors
-            and how, see :class:`~ema_callbacks.weights.EMAWeights` (default: trainable
-            parameters and averaged buffers, a float32 shadow for bf16/fp16 weights, and no
-            NaN/Inf check: ``nonfinite='skip'`` skips an update from non-finite weights,
-            ``'error'`` raises).
-        final_weights: ``'ema'`` (default) or ``'training'``: what the model holds after
-            ``fit`` (the primary EMA with several).
-        eval_with_ema: evaluate and predict with the EMA weights (default True).
-        profiles: several EMAs with their own schedule options instead of ``half_life`` /
-            ``smoothing`` / ``sigma_rel``: ``[{'name': 'fast', 'half_life': '100ba'},
-            {'sigma_rel': 0.05}]`` (keys: ``name`` and the schedule options); the first is the
-            *primary* EMA (predicted with, checkpointed in the model slot, kept after ``fit``).
-        eval_all: evaluate the training weights and every EMA in each evaluation (default:
-            True with several EMAs). The trainer's metrics (``metrics/eval/Accuracy``) are
-            then the training weights'; each EMA gets a copy of every metric named
-            ``<profile>/<metric>`` in ``state.eval_metrics[label]``, logged as
-            ``metrics/<label>/<profile>/<metric>`` and usable by callbacks such as
-            ``EarlyStopper(monitor='ema_1000ba/Accuracy', dataloader_label='eval')``. One pass
-            over the data: every batch goes through the model once per EMA.
-        snapshot_every: write post-hoc EMA snapshots of every ``sigma_rel`` EMA on this
-            interval (a time string); see :mod:`ema_callbacks.posthoc`.
-        snapshot_dtype: dtype of the snapshot files (``'float16'``, as EDM2).
-        snapshot_keep: keep only the latest this many snapshot times (default all).
-        snapshot_folder: where the snapshots go (Composer's ``{run_name}`` and ``{rank}``
-            allowed); default ``<the trainer's save_folder>/ema_snapshots``.
 
     Bad arguments raise ``ValueError``/``TypeError`` here, naming the parameter:
 
@@ -289,6 +268,7 @@ class EMA(Algorithm):  # type: ignore[misc]
         dtype: str | None = None,
         device: str | None = None,
         nonfinite: str = "ignore",
+        stream: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         profiles: Sequence[Mapping[str, Any]] | None = None,
@@ -297,6 +277,13 @@ class EMA(Algorithm):  # type: ignore[misc]
         snapshot_dtype: str = "float16",
         snapshot_keep: int | None = None,
         snapshot_folder: str | os.PathLike[str] | None = None,
+        ema_power: float | None = None,
+        bias_power: float | None = None,
+        lag: float | None = None,
+        multiplier: float | None = None,
+        min_ema_multiplier: float | None = None,
+        uniform: bool = False,
+        update_bn_batches: int | None = None,
     ) -> None:
         explicit_half_life = half_life is not _DEFAULT_HALF_LIFE
         # Composer Time objects stand for their time strings (Composer's own EMA takes only
@@ -317,10 +304,22 @@ class EMA(Algorithm):  # type: ignore[misc]
         if profiles is not None:
             if not explicit_half_life:
                 half_life = None  # the default gives way; an explicit one is the core's error
-        elif smoothing is not None or sigma_rel is not None:
+        elif others := {
+            k: v
+            for k, v in (
+                ("smoothing", smoothing),
+                ("sigma_rel", sigma_rel),
+                ("ema_power", ema_power),
+                ("bias_power", bias_power),
+                ("lag", lag),
+                ("multiplier", multiplier),
+                ("min_ema_multiplier", min_ema_multiplier),
+                ("uniform", uniform or None),
+            )
+            if v is not None
+        }:
             if explicit_half_life and half_life is not None:
-                other = "smoothing" if smoothing is not None else "sigma_rel"
-                value = smoothing if smoothing is not None else sigma_rel
+                other, value = next(iter(others.items()))
                 raise ValueError(
                     f"give either half_life or {other}, not both; got half_life={half_life!r}, "
                     f"{other}={value!r} (EMA({other}={value!r}) alone uses the {other})"
@@ -328,38 +327,21 @@ class EMA(Algorithm):  # type: ignore[misc]
             half_life = None
         elif half_life is None:
             raise ValueError(
-                "half_life is None but neither smoothing nor sigma_rel is given: pass a "
-                "half_life like '1000ba' or a smoothing like 0.999"
+                "half_life is None but no other average (smoothing, sigma_rel, the BEMA options "
+                "or uniform) is given: pass a half_life like '1000ba' or a smoothing like 0.999"
             )
         # Validated here so the message names ema_start (the core knows it as start).
         if Time.parse(ema_start, "ema_start").is_infinite:
             raise ValueError(f"ema_start must be finite; got {ema_start!r}")
         folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
+        # Composer's names and converted values, then every shared option as given.
         self._options: dict[str, Any] = {
+            **forwarded(locals()),
             "half_life": half_life,
-            "smoothing": smoothing,
-            "sigma_rel": sigma_rel,
-            "update_interval": update_interval,
             "start": ema_start,
-            "warmup": warmup,
-            "warmup_gamma": warmup_gamma,
-            "warmup_power": warmup_power,
-            "rampup_ratio": rampup_ratio,
-            "include": include,
-            "exclude": exclude,
-            "trainable_only": trainable_only,
-            "buffers": buffers,
-            "dtype": dtype,
-            "device": device,
-            "nonfinite": nonfinite,
-            "final_weights": final_weights,
-            "eval_with_ema": eval_with_ema,
-            "train_with_ema_weights": train_with_ema_weights,
+            "update_interval": update_interval,
             "profiles": profiles,
-            "eval_all": eval_all,
             "snapshot_every": snapshot_every,
-            "snapshot_dtype": snapshot_dtype,
-            "snapshot_keep": snapshot_keep,
         }
         self.controller = EMAController.create(**self._options)
         self._snapshot_folder = folder
@@ -574,6 +556,8 @@ class EMA(Algorithm):  # type: ignore[misc]
             self._pinned = None
             self._resolve(state)
             controller.fit_start(model, self._clock(state), hint=_CLOCK_HINT)
+            if controller.update_bn_batches is not None:
+                controller.bn_source = lambda: self._bn_source(state)
             if controller.snapshot_schedule is not None and self._snapshot_dir is None:
                 self._snapshot_dir = self._resolve_snapshot_dir(state)
             if self._snapshot_dir is not None and dist.get_global_rank() == 0:
@@ -607,15 +591,15 @@ class EMA(Algorithm):  # type: ignore[misc]
 
     def _swap_in(self, model: nn.Module, name: str) -> None:
         """Profile ``name`` in (if it has started), any other profile out."""
-        target = self.controller.profile(name)
-        for p in self.controller.profiles:
-            if p is not target and p.weights is not None:
-                p.weights.swap_out()
-        if target.started:
-            if target.weights is None:
-                self.controller.setup(model)
-            assert target.weights is not None
-            target.weights.swap_in(model)
+        self.controller.activate(model, name)
+
+    @staticmethod
+    def _bn_source(state: State) -> tuple[Any, Any] | None:
+        """The training batches and Composer's way to feed one (``update_bn_batches``)."""
+        loader = state.train_dataloader
+        if loader is None:
+            return None
+        return first_batches(loader), lambda m, batch: m(state.device.batch_to_device(batch))
 
     # -- several EMAs in one evaluation -----------------------------------------------------
 
@@ -957,3 +941,21 @@ class EMA(Algorithm):  # type: ignore[misc]
         # Composer does not store when it last updated: it updates on every interval multiple.
         resumed = self.controller.schedule.resumed_state(self._clock(state))
         self.controller.load_averaged(shadow, resumed, training)
+
+
+document(
+    EMA,
+    skip=("half_life", "smoothing", "update_interval", "train_with_ema_weights"),
+    notes={
+        "snapshot_folder": "Composer's ``{run_name}`` and ``{rank}`` are allowed; default "
+        "``<the trainer's save_folder>/ema_snapshots``.",
+        "update_bn_batches": "Each training batch goes through the ``ComposerModel`` "
+        "(``model(batch)``) as in training.",
+        "eval_all": "The trainer's metrics (``metrics/eval/Accuracy``) are then the training "
+        "weights'; each EMA gets a copy of every metric named ``<profile>/<metric>`` in "
+        "``state.eval_metrics[label]``, logged as ``metrics/<label>/<profile>/<metric>`` and "
+        "usable by callbacks such as ``EarlyStopper(monitor='ema_1000ba/Accuracy', "
+        "dataloader_label='eval')``. One pass over the data: every batch goes through the "
+        "model once per EMA.",
+    },
+)

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ema_callbacks.averagers import BEMA
 from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update
 from ema_callbacks.time_strings import Time, TimeUnit
 from ema_callbacks.weights import (
@@ -82,6 +83,8 @@ _SCHEDULE_KEYS = (
     "half_life",
     "smoothing",
     "sigma_rel",
+    *BEMA.options,
+    "uniform",
     "update_interval",
     "start",
     "warmup",
@@ -185,19 +188,37 @@ def _check_device(device: object) -> None:
         ) from err
 
 
+def first_batches(loader: Any) -> Any:
+    """The batches :meth:`EMAController.refresh_bn` reads from a training loader: for a
+    ``DataLoader`` over a map-style dataset, a new single-process loader over the same dataset,
+    batch size and collate function, in order (the first batches of the training set, the same
+    every time; the training loader's iterator, workers and sampler are left alone); any other
+    iterable as it is.
+
+    >>> [b.tolist() for b in first_batches(torch.utils.data.DataLoader(range(5), batch_size=2, shuffle=True))]
+    [[0, 1], [2, 3], [4]]
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    batch_size = loader.batch_size
+    if batch_size is None:
+        batch_size = getattr(loader.batch_sampler, "batch_size", None) or 1
+    return DataLoader(
+        loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn
+    )
+
+
 def profile_name(schedule: Schedule) -> str:
     """The default name of a profile, used as its metric prefix.
 
     >>> profile_name(Schedule(half_life='1000ba')), profile_name(Schedule(smoothing=0.999))
     ('ema_1000ba', 'ema_0.999')
-    >>> profile_name(Schedule(sigma_rel=0.05))
-    'ema_sigma_rel0.05'
+    >>> profile_name(Schedule(sigma_rel=0.05)), profile_name(Schedule(uniform=True))
+    ('ema_sigma_rel0.05', 'uniform')
     """
-    if schedule.half_life is not None:
-        return f"ema_{schedule.half_life}"
-    if schedule.smoothing is not None:
-        return f"ema_{schedule.smoothing:g}"
-    return f"ema_sigma_rel{schedule.sigma_rel:g}"
+    return schedule.averager.default_name()
 
 
 @dataclass
@@ -215,6 +236,9 @@ class EMAProfile:
     state: ScheduleState = field(default_factory=ScheduleState)
     weights: EMAWeights | None = None
     pending: dict[str, torch.Tensor] | None = None
+    pending_extra: dict[str, dict[str, torch.Tensor]] | None = None
+    # the schedule progress the BatchNorm statistics were last recomputed at (update_bn_batches)
+    bn_mark: tuple[Any, ...] | None = None
 
     @property
     def started(self) -> bool:
@@ -248,6 +272,9 @@ class EMAController:
         snapshot_dtype: floating dtype of the snapshot files (``'float16'``, as EDM2).
         snapshot_keep: keep only the latest this many snapshot times (default: all of them,
             which post-hoc reconstruction wants).
+        update_bn_batches: recompute the BatchNorm statistics of each average over this many
+            training batches before it is evaluated and at the end of training (the adapters
+            call :meth:`update_bn`); needs ``buffers='average'`` or ``'copy'``.
     """
 
     def __init__(
@@ -270,6 +297,7 @@ class EMAController:
         snapshot_every: str | Time | None = None,
         snapshot_dtype: str = "float16",
         snapshot_keep: int | None = None,
+        update_bn_batches: int | None = None,
     ) -> None:
         schedules = [schedule] if isinstance(schedule, Schedule) else schedule
         if not isinstance(schedules, (list, tuple)) or not schedules:
@@ -365,6 +393,33 @@ class EMAController:
                 f"snapshot_keep must be a positive integer or None; got {snapshot_keep!r}"
             )
 
+        if update_bn_batches is not None:
+            if (
+                isinstance(update_bn_batches, bool)
+                or not isinstance(update_bn_batches, int)
+                or update_bn_batches < 1
+            ):
+                raise ValueError(
+                    "update_bn_batches must be a positive integer (training batches) or None; "
+                    f"got {update_bn_batches!r}"
+                )
+            if buffers == "ignore":
+                raise ValueError(
+                    f"update_bn_batches={update_bn_batches} recomputes the BatchNorm statistics "
+                    "the average holds, but buffers='ignore' keeps none: use buffers='average' "
+                    "or 'copy'"
+                )
+            if not eval_with_ema and final_weights != "ema":
+                raise ValueError(
+                    f"update_bn_batches={update_bn_batches} recomputes statistics for the "
+                    "average, which is never in the model here (eval_with_ema=False, "
+                    "final_weights='training')"
+                )
+        self.update_bn_batches = update_bn_batches
+        # Set by the adapters (update_bn_batches): a function giving the training batches and
+        # how the model eats one, or None where there are none (an evaluation without fit).
+        self.bn_source: Any = None
+        self._bn_warned = False
         self.profiles = [EMAProfile(n, s) for n, s in zip(names, schedules, strict=True)]
         self.weights_kwargs: dict[str, Any] = {
             "include": include,
@@ -421,13 +476,23 @@ class EMAController:
         snapshot_every: str | None = None,
         snapshot_dtype: str = "float16",
         snapshot_keep: int | None = None,
+        ema_power: float | None = None,
+        bias_power: float | None = None,
+        lag: float | None = None,
+        multiplier: float | None = None,
+        min_ema_multiplier: float | None = None,
+        uniform: bool = False,
+        update_bn_batches: int | None = None,
     ) -> EMAController:
         """Build a controller from the plain options every adapter exposes (all validated
         here, at construction).
 
-        Several EMAs: a list for one of ``half_life``, ``smoothing`` or ``sigma_rel`` (the
-        other schedule options are shared), or ``profiles``, a list of mappings that each
-        override the shared schedule options and may carry a ``name``.
+        The average: ``half_life``, ``smoothing``, ``sigma_rel``, the BEMA options
+        (``ema_power``, ``bias_power``, ``lag``, ``multiplier``, ``min_ema_multiplier``) or
+        ``uniform=True`` (:mod:`ema_callbacks.averagers`). Several EMAs: a list for one of
+        ``half_life``, ``smoothing`` or ``sigma_rel`` (the other schedule options are shared),
+        or ``profiles``, a list of mappings that each override the shared schedule options and
+        may carry a ``name``.
 
         >>> EMAController.create(half_life='50ba', buffers='copy').schedule.describe()
         'half_life=50ba'
@@ -445,14 +510,31 @@ class EMAController:
             "warmup_power": warmup_power,
             "rampup_ratio": rampup_ratio,
         }
-        averaging = {"half_life": half_life, "smoothing": smoothing, "sigma_rel": sigma_rel}
-        lists = {k: v for k, v in averaging.items() if isinstance(v, (list, tuple))}
+        if uniform is not None and not isinstance(uniform, bool):
+            raise TypeError(f"uniform must be True or False; got {uniform!r}")
+        averaging = {
+            "half_life": half_life,
+            "smoothing": smoothing,
+            "sigma_rel": sigma_rel,
+            "ema_power": ema_power,
+            "bias_power": bias_power,
+            "lag": lag,
+            "multiplier": multiplier,
+            "min_ema_multiplier": min_ema_multiplier,
+            "uniform": uniform or None,  # False: not uniform
+        }
+        lists = {
+            k: v
+            for k, v in averaging.items()
+            if isinstance(v, (list, tuple)) and k in ("half_life", "smoothing", "sigma_rel")
+        }
         names: list[str] | None = None
         if profiles is not None:
             given = {k: v for k, v in averaging.items() if v is not None}
             if given:
                 raise ValueError(
-                    "give either profiles or half_life/smoothing/sigma_rel, not both; got "
+                    "give either profiles or the averaging options (half_life, smoothing, "
+                    "sigma_rel, the BEMA options, uniform), not both; got "
                     f"profiles and {', '.join(f'{k}={v!r}' for k, v in given.items())}"
                 )
             if isinstance(profiles, (str, Mapping)) or not isinstance(profiles, (list, tuple)):
@@ -519,6 +601,7 @@ class EMAController:
             snapshot_every=snapshot_every,
             snapshot_dtype=snapshot_dtype,
             snapshot_keep=snapshot_keep,
+            update_bn_batches=update_bn_batches,
         )
 
     # -- properties -----------------------------------------------------------------------
@@ -652,12 +735,20 @@ class EMAController:
         Returns the primary profile's weights."""
         for p in self.profiles:
             if p.weights is None:
-                p.weights = EMAWeights(model, **self.weights_kwargs)
+                averager = p.schedule.averager
+                p.weights = EMAWeights(
+                    model, **self.weights_kwargs, extra=averager.buffers, running=averager.running
+                )
             elif not p.weights.is_swapped:
                 p.weights.bind(model)
             if p.pending is not None:
                 p.weights.load_state_dict(p.pending)
                 p.pending = None
+            if p.pending_extra is not None:
+                p.weights.load_extra_state_dict(p.pending_extra)
+                p.pending_extra = None
+            if self.update_bn_batches is not None:
+                self._check_bn(p.weights)
         if self._pending_training is not None:
             self._swap_out_all()
             assert self.primary.weights is not None
@@ -665,6 +756,26 @@ class EMAController:
             self._pending_training = None
         assert self.primary.weights is not None
         return self.primary.weights
+
+    def _check_bn(self, weights: EMAWeights) -> None:
+        """``update_bn_batches`` needs BatchNorm statistics the average holds, unsharded."""
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        model = weights.bound_model
+        assert model is not None
+        if not any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules()):
+            raise ValueError(
+                f"update_bn_batches={self.update_bn_batches} recomputes BatchNorm statistics, but "
+                "the model has no BatchNorm layer that tracks them; leave it unset"
+            )
+        if weights.is_sharded or any(
+            getattr(p, "ds_tensor", None) is not None for p in model.parameters()
+        ):
+            raise ValueError(
+                f"update_bn_batches={self.update_bn_batches} is not supported with sharded "
+                "weights (FSDP2, DeepSpeed ZeRO-3): the recomputation runs forwards on the "
+                "average outside the training step; leave it unset"
+            )
 
     def _swap_out_all(self) -> None:
         for p in self.profiles:
@@ -709,6 +820,15 @@ class EMAController:
             )
             return False
         for p, u in due:
+            averager = p.schedule.averager
+            if averager.buffers:  # the evaluated weights are formed from the running average
+                assert p.weights is not None
+                groups = p.weights.averaged_groups()
+                if u.initialise:
+                    averager.initialise_(groups)
+                else:
+                    assert u.step is not None
+                    averager.finish_(groups, u.step)
             p.schedule.commit(clock, p.state, u)
         first, update = due[0]
         if self.train_with_ema_weights and not update.initialise:
@@ -721,8 +841,7 @@ class EMAController:
         trainer evaluates the training weights and the adapter each profile with
         :meth:`ema_weights`)."""
         if self.eval_with_ema and not self.eval_all and self.started:
-            assert self.weights is not None
-            self.weights.swap_in(model)
+            self.activate(model, self.primary.name)
 
     def eval_end(self, model: nn.Module | None = None) -> None:
         if not self._final_swap:
@@ -738,13 +857,82 @@ class EMAController:
             return
         self._swap_out_all()
         if self.final_weights == "ema" and self.started:
-            self.weights.swap_in(model)
+            self.activate(model, self.primary.name)
             self._final_swap = True
 
     def exception(self, model: nn.Module | None = None) -> None:
         """Training weights back in, whatever state the run was in."""
         self._final_swap = False
         self._swap_out_all()
+
+    def activate(self, model: nn.Module | None, profile: str | None) -> None:
+        """The weights of ``profile`` in ``model``, every other profile's out; ``None``, or a
+        profile that has not started, means the training weights. With
+        ``update_bn_batches``, the profile's BatchNorm statistics are recomputed first (when it
+        changed since they last were). The one way the adapters put weights in.
+
+        >>> model = torch.nn.Linear(1, 1)
+        >>> ctrl = EMAController.create(half_life=['2ba', '20ba'])
+        >>> ctrl.fit_start(model, Clock(batch=0))
+        >>> _ = ctrl.batch_end(model, Clock(batch=1))
+        >>> ctrl.activate(model, 'ema_20ba'); ctrl.active_profile
+        'ema_20ba'
+        >>> ctrl.activate(model, None); ctrl.active_profile is None
+        True
+        """
+        target = None if profile is None else self.profile(profile)
+        if self.active_profile == (None if target is None else target.name) and (
+            target is None or target.started
+        ):
+            return
+        self._swap_out_all()
+        if target is None or not target.started:
+            return
+        if target.weights is None:
+            assert model is not None
+            self.setup(model)
+        assert target.weights is not None
+        self.refresh_bn(target, model)
+        target.weights.swap_in(model)
+
+    def refresh_bn(self, profile: EMAProfile, model: nn.Module | None = None) -> bool:
+        """Recompute ``profile``'s BatchNorm statistics from :attr:`bn_source` if
+        ``update_bn_batches`` is set and the average moved since they last were; returns
+        whether it did. The global RNG state is kept (the training run does not change)."""
+        if self.update_bn_batches is None or not profile.started or profile.weights is None:
+            return False
+        mark = (profile.state.num_updates, tuple(sorted(profile.state.last.items())))
+        if profile.bn_mark == mark:
+            return False
+        source = self.bn_source() if self.bn_source is not None else None
+        if source is None:
+            if not self._bn_warned:
+                warnings.warn(
+                    f"update_bn_batches={self.update_bn_batches}: no training batches here (an "
+                    "evaluation outside training), so the averages keep the BatchNorm "
+                    "statistics they hold",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                self._bn_warned = True
+            return False
+        loader, forward = source
+        devices = sorted(
+            {t.device.index or 0 for t in profile.weights.shadow.values() if t.is_cuda}
+        )
+        was = profile.weights.is_swapped
+        if was:
+            profile.weights.swap_out()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                profile.weights.update_bn_(
+                    loader, model, batches=self.update_bn_batches, forward=forward
+                )
+        finally:
+            if was:
+                profile.weights.swap_in(model)
+        profile.bn_mark = mark
+        return True
 
     @contextmanager
     def ema_weights(self, model: nn.Module, profile: str | None = None) -> Iterator[None]:
@@ -767,9 +955,7 @@ class EMAController:
         assert target.weights is not None
         was = self.active_profile
         if was != target.name:
-            self._swap_out_all()
-            if target.started:
-                target.weights.swap_in(model)
+            self.activate(model, target.name)
         try:
             yield
         finally:
@@ -914,6 +1100,21 @@ class EMAController:
             return {k: v.detach().clone() for k, v in p.weights.state_dict().items()}
         return dict(p.pending or {})
 
+    @staticmethod
+    def _extra_of(p: EMAProfile) -> dict[str, dict[str, torch.Tensor]]:
+        if p.weights is not None:
+            return {
+                b: {k: v.detach().clone() for k, v in tensors.items()}
+                for b, tensors in p.weights.extra_state_dict().items()
+            }
+        return {b: dict(t) for b, t in (p.pending_extra or {}).items()}
+
+    def _profile_state(self, p: EMAProfile) -> dict[str, Any]:
+        out: dict[str, Any] = {"schedule": p.state.to_dict(), "shadow": self._shadow_of(p)}
+        if p.schedule.averager.buffers:
+            out["buffers"] = self._extra_of(p)
+        return out
+
     def state_dict(self, training: bool | None = None) -> dict[str, Any]:
         """Versioned and name-keyed: ``{format, version, config, schedule, shadow,
         weights_active}`` for the primary profile, ``profiles`` (``{name: {schedule, shadow}}``)
@@ -930,15 +1131,11 @@ class EMAController:
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": self.config(),
-            "schedule": self.state.to_dict(),
-            "shadow": self._shadow_of(self.primary),
+            **self._profile_state(self.primary),
             "weights_active": self.weights_active,
         }
         if len(self.profiles) > 1:
-            state["profiles"] = {
-                p.name: {"schedule": p.state.to_dict(), "shadow": self._shadow_of(p)}
-                for p in self.profiles[1:]
-            }
+            state["profiles"] = {p.name: self._profile_state(p) for p in self.profiles[1:]}
         if self.snapshot_schedule is not None:
             state["snapshot"] = self.snapshot_state.to_dict()
             state["snapshot_run"] = self.snapshot_run
@@ -1002,10 +1199,40 @@ class EMAController:
         changes = []
         for name, config in theirs.items():
             for key in _SCHEDULE_KEYS:
-                if key in config and config[key] != mine[name][key]:
+                now = mine[name].get(key)
+                if key in config and config[key] != now:
                     where = "" if len(self.profiles) == 1 else f"{name}."
-                    changes.append(f"{where}{key}: saved {config[key]!r}, now {mine[name][key]!r}")
+                    changes.append(f"{where}{key}: saved {config[key]!r}, now {now!r}")
         return changes
+
+    @staticmethod
+    def _saved_extra(
+        p: EMAProfile, saved: Mapping[str, Any], where: str
+    ) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The extra buffers a profile's saved state holds, checked against its averager: a
+        started average that keeps buffers (BEMA) cannot resume without them."""
+        wanted = p.schedule.averager.buffers
+        raw = saved.get("buffers")
+        if not wanted:
+            if raw:
+                raise ValueError(
+                    f"the EMA state's '{where}buffers' holds {sorted(raw)}, kept by another "
+                    f"average than this one ({p.schedule.describe()}); load it with the options "
+                    "it was saved with"
+                )
+            return None
+        if raw is None:
+            started = bool((saved.get("schedule") or {}).get("started"))
+            if started and saved.get("shadow"):
+                raise ValueError(
+                    f"the EMA state{' of ' + repr(p.name) if where else ''} has no "
+                    f"{', '.join(wanted)} buffers, which {p.schedule.describe()} keeps: it was "
+                    "saved by another average; load it with the options it was saved with"
+                )
+            return None
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"the EMA state's '{where}buffers' must be a mapping; got {raw!r}")
+        return {str(b): _tensors(raw, b, f"{where}buffers.") for b in raw}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Before the shadows exist the tensors are kept and
@@ -1054,7 +1281,9 @@ class EMAController:
                     f"callback's {sorted(ours)}: missing {missing}, unexpected {unexpected}"
                 )
         # Everything is read and checked before anything changes.
-        items: list[tuple[EMAProfile, ScheduleState, dict[str, torch.Tensor]]] = []
+        items: list[
+            tuple[EMAProfile, ScheduleState, dict[str, torch.Tensor], dict[str, Any] | None]
+        ] = []
         for p, saved, where in [(self.primary, state, "")] + [
             (self.profile(name), extra[name], f"profiles.{name}.")
             for name in self.names[1:]
@@ -1064,7 +1293,7 @@ class EMAController:
                 saved.get("schedule", {}), where=f"{where}schedule"
             )
             shadow = _tensors(saved, "shadow", where)
-            items.append((p, schedule_state, shadow))
+            items.append((p, schedule_state, shadow, self._saved_extra(p, saved, where)))
         training = _tensors(state, "training", "") if state.get("training") is not None else None
         snapshot = ScheduleState.from_dict(state.get("snapshot") or {}, where="snapshot")
         aliases = _state_mapping(state, "aliases")
@@ -1090,13 +1319,16 @@ class EMAController:
         self._loaded_aliases = dict(aliases)
         was = self.active_profile
         self._swap_out_all()
-        for p, schedule_state, shadow in items:
+        for p, schedule_state, shadow, extra_tensors in items:
             p.state = schedule_state
             if p.weights is not None:
                 p.weights.load_state_dict(shadow)
+                if extra_tensors is not None:
+                    p.weights.load_extra_state_dict(extra_tensors)
             else:
                 # A state saved before the shadow existed has no tensors: nothing to apply.
                 p.pending = shadow or None
+                p.pending_extra = extra_tensors if shadow else None
         if not extra:
             for p in self.profiles[1:]:
                 p.state = ScheduleState()

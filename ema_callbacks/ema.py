@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ema_callbacks.controller import EMAController, _snapshot_folder_option
+from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock
 from ema_callbacks.time_strings import Time, TimeUnit
 
@@ -55,32 +56,22 @@ class EMA:
     :meth:`swapped` to evaluate with the EMA weights, or :meth:`functional_call` to evaluate
     them without touching the model.
 
+    The options every entry point shares (the average, its schedule, the tensors averaged,
+    the post-hoc snapshots) are documented once, in :mod:`ema_callbacks.options`
+    (``docs/options.md``), and listed under Args at import. The average is one of
+    ``half_life`` (default ``'1000ba'``), ``smoothing``, ``sigma_rel`` (EDM2), the BEMA
+    options or ``uniform=True`` (SWA); a list for one of the first three, or ``profiles``,
+    tracks several EMAs at once (the first is the primary one: ``shadow``, ``swapped()``; the
+    others by name, ``swapped(profile='ema_1000ba')``). Snapshots need ``snapshot_folder``:
+    ``EMA(model, sigma_rel=[0.05, 0.10], snapshot_every='1000ba',
+    snapshot_folder='run/ema_snapshots')``.
+
     Args:
         model: the model being trained.
-        half_life: a time string (``'50ba'``, ``'1ep'``, ``'2e6tok'``, ``'0.1dur'``); the default
-            when neither ``smoothing`` nor ``sigma_rel`` is given is ``'1000ba'``.
-        smoothing: a constant per-update decay (``0.999``) instead of a half-life.
-        sigma_rel: EDM2 power-function EMA with this relative width instead.
-        profiles: several EMAs at once: a list for one of ``half_life``, ``smoothing`` or
-            ``sigma_rel`` (``half_life=['100ba', '1000ba']``), or ``profiles``, a list of
-            mappings of schedule options with an optional ``name``. They are updated in the same
-            multi-tensor calls; the first is the primary one (``shadow``, ``swapped()``); the
-            others are chosen by name (``swapped(profile='ema_1000ba')``, :attr:`profiles`).
-        update_interval: how often to update (default: every step, or every epoch for an
-            ``ep`` half-life).
-        start: progress before which the EMA just follows the model (not swapped in).
-        warmup, warmup_gamma, warmup_power, rampup_ratio: see
-            :class:`~ema_callbacks.schedule.Schedule`.
-        include, exclude, trainable_only, buffers, dtype, device, nonfinite, stream: see
-            :class:`~ema_callbacks.weights.EMAWeights`.
         steps_per_epoch: steps in one epoch, for fractional epochs (``'0.25ep'``) without
             waiting for :meth:`end_epoch`.
         max_duration: the planned length of the run (``'10ep'``, ``'5000ba'``), needed for
             ``dur`` times.
-        snapshot_every, snapshot_folder, snapshot_dtype, snapshot_keep: write post-hoc EMA
-            snapshots of the ``sigma_rel`` profiles into ``snapshot_folder`` on this interval
-            (see :mod:`ema_callbacks.posthoc`): ``EMA(model, sigma_rel=[0.05, 0.10],
-            snapshot_every='1000ba', snapshot_folder='run/ema_snapshots')``.
 
     >>> ema = EMA(torch.nn.Linear(2, 2), smoothing=0.9, half_life='5ba')
     Traceback (most recent call last):
@@ -95,6 +86,12 @@ class EMA:
         *,
         smoothing: float | list[float] | None = None,
         sigma_rel: float | list[float] | None = None,
+        ema_power: float | None = None,
+        bias_power: float | None = None,
+        lag: float | None = None,
+        multiplier: float | None = None,
+        min_ema_multiplier: float | None = None,
+        uniform: bool = False,
         profiles: list[dict[str, Any]] | None = None,
         update_interval: str | None = None,
         start: str = "0ba",
@@ -119,29 +116,7 @@ class EMA:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        self.controller = EMAController.create(
-            half_life=half_life,
-            smoothing=smoothing,
-            sigma_rel=sigma_rel,
-            update_interval=update_interval,
-            start=start,
-            warmup=warmup,
-            warmup_gamma=warmup_gamma,
-            warmup_power=warmup_power,
-            rampup_ratio=rampup_ratio,
-            profiles=profiles,
-            include=include,
-            exclude=exclude,
-            trainable_only=trainable_only,
-            buffers=buffers,
-            dtype=dtype,
-            device=device,
-            nonfinite=nonfinite,
-            stream=stream,
-            snapshot_every=snapshot_every,
-            snapshot_dtype=snapshot_dtype,
-            snapshot_keep=snapshot_keep,
-        )
+        self.controller = EMAController.create(**forwarded(locals()))
         if snapshot_every is not None and snapshot_folder is None:
             raise ValueError(
                 f"snapshot_every={snapshot_every!r} needs snapshot_folder, the folder the "
@@ -310,6 +285,34 @@ class EMA:
         assert weights is not None
         weights.copy_to(self._model(model))
 
+    def update_bn(
+        self,
+        loader: Iterable[Any],
+        model: nn.Module | None = None,
+        profile: str | None = None,
+        *,
+        batches: int | None = None,
+    ) -> None:
+        """Recompute the BatchNorm statistics of the average (of ``profile``, default the
+        primary one) from ``loader``, as ``torch.optim.swa_utils.update_bn`` does on a copy of
+        the model holding the average, without the copy: the average is swapped in, the
+        statistics are reset and averaged over the batches (``momentum=None``) in training
+        mode, and kept in the average; the model's training weights, its own statistics and
+        its mode are back afterwards. A batch that is a list or tuple feeds its first item;
+        ``batches`` stops after that many. Needs ``buffers='average'`` or ``'copy'`` (the
+        average must hold the statistics) and a model with BatchNorm layers.
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> ema = EMA(model, uniform=True)
+        >>> _ = ema.step(model)
+        >>> ema.update_bn([torch.randn(8, 3) for _ in range(4)], model)
+        >>> bool((ema.shadow['1.running_mean'] != model[1].running_mean).any())
+        True
+        """
+        weights = self.controller.profile(profile).weights
+        assert weights is not None
+        weights.update_bn_(loader, self._model(model), batches=batches)
+
     def functional_call(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """``model(*args, **kwargs)`` computed with the (primary) EMA weights; the model is
         untouched. ``ema.controller.profile(name).weights.functional_call`` for another
@@ -384,3 +387,6 @@ class EMA:
         self._batch_in_epoch = int(counts["batch_in_epoch"] or 0)
         self._samples = counts["samples"]
         self._tokens = counts["tokens"]
+
+
+document(EMA)

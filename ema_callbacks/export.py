@@ -344,7 +344,7 @@ def _from_transformers_folder(
         prefix = ranked[0].name.split("_state-rank", 1)[0]
         if name is not None and name != prefix:
             raise ValueError(f"{folder}: no EMA state named {name!r} (found {prefix!r})")
-        from ema_callbacks.transformers import load_ema_state
+        from ema_callbacks.state_files import load_ema_state
 
         state = load_ema_state(folder, prefix)
         full = state["shadow"]
@@ -373,7 +373,7 @@ def _from_transformers_folder(
     if not tensor_file.is_file():
         raise FileProblem(f"{tensor_file}: missing ({ours[0].name} is there without it)")
     if profile is not None and profile != (names[0] if names else None):
-        from ema_callbacks.transformers import load_ema_state
+        from ema_callbacks.state_files import load_ema_state
 
         chosen = dict(_profile_shadow(load_ema_state(folder, prefix), profile, folder) or {})
     else:

@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ema_callbacks.controller import EMAController, _snapshot_folder_option
+from ema_callbacks.controller import EMAController, _snapshot_folder_option, first_batches
+from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, ScheduleState
 from ema_callbacks.time_strings import TimeUnit
 from ema_callbacks.weights import normalize_name
@@ -261,6 +262,24 @@ def _logging_as(pl_module: Any, prefix: str, fx_name: str) -> Iterator[None]:
             pl_module.__dict__["log"] = shadowed
 
 
+def _bn_source(trainer: Trainer, pl_module: LightningModule) -> tuple[Any, Any] | None:
+    """The training batches (``update_bn_batches``) and how the module eats one: its
+    ``forward`` on the batch moved to its device (the first item of a list or tuple batch)."""
+    loader = trainer.train_dataloader
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if loader is None:
+        return None
+
+    def forward(module: Any, batch: Any) -> Any:
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        return module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    return first_batches(loader), forward
+
+
 class EMACallback(_CallbackBase):
     """An exponential moving average of the LightningModule's weights, as a Lightning callback.
 
@@ -290,19 +309,11 @@ class EMACallback(_CallbackBase):
     ranks; ``tok`` sums ``tokens_fn(batch)`` over all ranks; ``dur`` is ``global_step`` over
     ``trainer.estimated_stepping_batches``.
 
+    The options every entry point shares (the average, its schedule, the tensors averaged,
+    evaluation, the post-hoc snapshots) are documented once, in :mod:`ema_callbacks.options`
+    (``docs/options.md``), and listed under Args at import; the Lightning-only ones follow.
+
     Args:
-        half_life: a time string (``'50ba'``, ``'1ep'``, ``'2e6tok'``, ``'0.1dur'``), or a list
-            of them (one EMA each); default ``'1000ba'`` when neither ``smoothing`` nor
-            ``sigma_rel`` is given.
-        smoothing, sigma_rel: a number, or a list (one EMA each).
-        update_interval, start, warmup, warmup_gamma, warmup_power, rampup_ratio: the schedule
-            (:class:`~ema_callbacks.schedule.Schedule`), shared by every profile.
-        include, exclude, trainable_only, buffers, dtype, device, nonfinite: which tensors and
-            how they are stored (:class:`~ema_callbacks.weights.EMAWeights`).
-        final_weights: what the model holds after ``fit``: ``'ema'`` (default) or
-            ``'training'``.
-        eval_with_ema: swap the EMA in for validation/test/predict (default True).
-        train_with_ema_weights: copy the EMA into the training weights after every update.
         checkpoint_weights: what ``checkpoint['state_dict']`` holds: ``'ema'`` (default, so
             ``Model.load_from_checkpoint`` gives the EMA model, as Lightning's own EMA does) or
             ``'training'``. Before the EMA has started it holds the training weights.
@@ -312,18 +323,6 @@ class EMACallback(_CallbackBase):
             required for ``tok`` times (Lightning does not count tokens).
         log_metrics: log ``ema/smoothing``, ``ema/num_updates`` and ``ema/num_skipped`` to the
             Trainer's loggers at the optimizer steps they write (``log_every_n_steps``).
-        profiles: several EMAs, each a mapping of schedule options that override the shared
-            ones, with an optional ``name`` (the metric prefix):
-            ``[{'name': 'fast', 'half_life': '100ba'}, {'name': 'slow', 'sigma_rel': 0.1}]``.
-        eval_all: evaluate the training weights and every profile (prefixed metrics) in each
-            validation/test epoch; default True with several profiles. False: only the primary
-            EMA is evaluated, under the module's own metric names (the single-EMA behaviour).
-        snapshot_every: write post-hoc EMA snapshots of the ``sigma_rel`` profiles on this
-            interval (``'1000ba'``), for :func:`ema_callbacks.posthoc.reconstruct`.
-        snapshot_dtype: dtype of the snapshot files (``'float16'``, as EDM2).
-        snapshot_keep: keep only the latest this many snapshot times (default: all).
-        snapshot_folder: where snapshots go; default ``<ModelCheckpoint dirpath>/ema_snapshots``
-            (or ``ema_snapshots`` in the folder a ``ModelCheckpoint`` would use by default).
 
     >>> cb = EMACallback(profiles=[{'name': 'fast', 'half_life': '100ba'},
     ...                            {'name': 'slow', 'half_life': '1000ba'}])
@@ -363,6 +362,7 @@ class EMACallback(_CallbackBase):
         dtype: str | None = None,
         device: str | None = None,
         nonfinite: str = "ignore",
+        stream: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         train_with_ema_weights: bool = False,
@@ -376,34 +376,16 @@ class EMACallback(_CallbackBase):
         snapshot_dtype: str = "float16",
         snapshot_keep: int | None = None,
         snapshot_folder: str | None = None,
+        ema_power: float | None = None,
+        bias_power: float | None = None,
+        lag: float | None = None,
+        multiplier: float | None = None,
+        min_ema_multiplier: float | None = None,
+        uniform: bool = False,
+        update_bn_batches: int | None = None,
     ) -> None:
         super().__init__()
-        self.controller = EMAController.create(
-            half_life=half_life,
-            smoothing=smoothing,
-            sigma_rel=sigma_rel,
-            update_interval=update_interval,
-            start=start,
-            warmup=warmup,
-            warmup_gamma=warmup_gamma,
-            warmup_power=warmup_power,
-            rampup_ratio=rampup_ratio,
-            include=include,
-            exclude=exclude,
-            trainable_only=trainable_only,
-            buffers=buffers,
-            dtype=dtype,
-            device=device,
-            nonfinite=nonfinite,
-            final_weights=final_weights,
-            eval_with_ema=eval_with_ema,
-            train_with_ema_weights=train_with_ema_weights,
-            profiles=profiles,
-            eval_all=eval_all,
-            snapshot_every=snapshot_every,
-            snapshot_dtype=snapshot_dtype,
-            snapshot_keep=snapshot_keep,
-        )
+        self.controller = EMAController.create(**forwarded(locals()))
         folder = _snapshot_folder_option(snapshot_folder, snapshot_every)
         if folder is not None and "://" in folder:
             raise ValueError(f"snapshot_folder must be a local folder; got {folder!r}")
@@ -515,6 +497,8 @@ class EMACallback(_CallbackBase):
         )
         if self._imported is not None:
             self._load_imported()
+        if self.controller.update_bn_batches is not None:
+            self.controller.bn_source = lambda: _bn_source(trainer, pl_module)
         self._snapshot_dir = None
         if self.controller.snapshot_schedule is not None:
             self._snapshot_dir = self._resolve_snapshot_folder(trainer)
@@ -861,3 +845,14 @@ class EMACallback(_CallbackBase):
                 last={"ba": float(imported["global_step"])},
             ),
         )
+
+
+document(
+    EMACallback,
+    notes={
+        "snapshot_folder": "Default ``<ModelCheckpoint dirpath>/ema_snapshots`` (or "
+        "``ema_snapshots`` in the folder a ``ModelCheckpoint`` would use by default).",
+        "update_bn_batches": "The module's ``forward`` runs on the first item of each "
+        "training batch (the batch itself when it is not a list or tuple).",
+    },
+)

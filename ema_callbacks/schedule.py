@@ -26,11 +26,25 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ema_callbacks.averagers import (
+    SIGMA_REL_MIN,  # noqa: F401 (re-exported: schedule's name before averagers existed)
+    WARMUPS,  # noqa: F401
+    Averager,
+    Step,
+    averager_from_options,
+    debiased_weight,
+    gamma_to_sigma_rel,
+    half_life_to_smoothing,
+    power_function_smoothing,
+    power_warmup_smoothing,
+    sigma_rel_to_gamma,
+    smoothing_to_half_life,
+    tf_dynamic_smoothing,
+)
 from ema_callbacks.time_strings import Time, TimeUnit
 
 __all__ = [
@@ -46,171 +60,6 @@ __all__ = [
     "smoothing_to_half_life",
     "tf_dynamic_smoothing",
 ]
-
-WARMUPS = ("none", "tf", "power", "debias")
-SIGMA_REL_MIN = 1e-150  # the smallest sigma_rel whose exponent is computed in floats
-
-
-# ---------------------------------------------------------------------------------------------
-# Closed forms
-# ---------------------------------------------------------------------------------------------
-
-
-def half_life_to_smoothing(half_life: float, elapsed: float) -> float:
-    """The ``beta`` of one update after ``elapsed`` progress, for a half-life in the same unit.
-
-    ``2 ** (-elapsed / half_life)``; ``half_life == 0`` gives 0 (follow the model), an infinite
-    half-life or ``elapsed == 0`` gives 1 (no change).
-
-    >>> half_life_to_smoothing(10, 10)
-    0.5
-    >>> half_life_to_smoothing(10, 0)
-    1.0
-    """
-    if half_life < 0 or elapsed < 0 or math.isnan(half_life) or math.isnan(elapsed):
-        raise ValueError(
-            f"half_life and elapsed must be non-negative numbers; got {half_life!r}, {elapsed!r}"
-        )
-    if half_life == 0:
-        return 0.0
-    if math.isinf(half_life) or elapsed == 0:
-        return 1.0
-    return float(2.0 ** (-elapsed / half_life))
-
-
-def smoothing_to_half_life(smoothing: float, interval: float = 1.0) -> float:
-    """The half-life of a constant ``smoothing`` applied once every ``interval``.
-
-    ``interval * ln(1/2) / ln(smoothing)``: 0 for smoothing 0, infinite for smoothing 1.
-
-    >>> smoothing_to_half_life(0.5, 3)
-    3.0
-    >>> smoothing_to_half_life(1.0)
-    inf
-    """
-    if not 0.0 <= smoothing <= 1.0:
-        raise ValueError(f"smoothing must be between 0 and 1; got {smoothing!r}")
-    if interval < 0 or math.isnan(interval):
-        raise ValueError(f"interval must be a non-negative number; got {interval!r}")
-    if smoothing == 0.0:
-        return 0.0
-    if smoothing == 1.0:
-        return math.inf
-    return interval * math.log(0.5) / math.log(smoothing)
-
-
-def tf_dynamic_smoothing(smoothing: float, num_updates: int) -> float:
-    """TensorFlow's dynamic decay: ``min(smoothing, (1 + n) / (10 + n))``.
-
-    ``n`` counts the updates made before this one (the seeds' ``optax`` ``count``), so the first
-    update uses 0.1.
-
-    >>> tf_dynamic_smoothing(0.9999, 0)
-    0.1
-    >>> tf_dynamic_smoothing(0.5, 1000)
-    0.5
-    """
-    return min(smoothing, (1.0 + num_updates) / (10.0 + num_updates))
-
-
-def power_warmup_smoothing(num_updates: int, gamma: float = 1.0, power: float = 2 / 3) -> float:
-    """timm/diffusers power warm-up: ``1 - (1 + t / gamma) ** -power`` with ``t = n + 1``.
-
-    ``n`` counts the averaging updates made before this one; timm and diffusers count the copy
-    that initialises the EMA as their step 0, so their ``t`` is our ``n + 1``.
-
-    >>> round(power_warmup_smoothing(0), 6)   # diffusers' second step, t = 1
-    0.370039
-    """
-    t = num_updates + 1
-    return 1.0 - (1.0 + t / gamma) ** (-power)
-
-
-def debiased_weight(smoothing: float, bias_product: float) -> tuple[float, float]:
-    """The lerp weight that makes a copy-initialised EMA equal optax's zero-init, debiased EMA.
-
-    optax keeps ``m_t = b m_{t-1} + (1 - b) x_t`` from ``m_0 = 0`` and reports
-    ``m_t / (1 - P_t)`` with ``P_t = b_1 b_2 ... b_t``. That debiased value is itself a lerp:
-    ``d_t = d_{t-1} + w (x_t - d_{t-1})`` with ``w = (1 - b) / (1 - P_t)``, so the engine can keep
-    ``d`` directly (swap and view need no division). Returns ``(w, P_t)`` given ``P_{t-1}``.
-
-    >>> debiased_weight(0.9, 1.0)      # first update: the EMA becomes the weights
-    (1.0, 0.9)
-    >>> w, p = debiased_weight(0.9, 0.9); round(w, 6), round(p, 2)
-    (0.526316, 0.81)
-    """
-    product = bias_product * smoothing
-    if product >= 1.0:
-        return 0.0, product
-    return (1.0 - smoothing) / (1.0 - product), product
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """EDM2's relative standard deviation of a power-function EMA to its exponent ``gamma``.
-
-    ``gamma`` is the largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2)`` (Karras et
-    al. 2024, Eq. 126 / Algorithm 2); ``0 < sigma_rel < sqrt(1/12) ~ 0.2887``, and at least
-    ``SIGMA_REL_MIN`` (1e-150: below it ``sigma_rel**-2`` overflows).
-
-    >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
-    (16.97, 6.94)
-    """
-    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
-        raise TypeError(f"sigma_rel must be a number; got {sigma_rel!r}")
-    limit = math.sqrt(1.0 / 12.0)
-    if not 0.0 < sigma_rel < limit:
-        raise ValueError(
-            f"sigma_rel must be between 0 and {limit:.4f} (exclusive); got {sigma_rel!r}"
-        )
-    if sigma_rel < SIGMA_REL_MIN:
-        raise ValueError(
-            f"sigma_rel must be at least {SIGMA_REL_MIN:g} (the exponent of a smaller one, about "
-            f"1/sigma_rel, is beyond what floats compute); got {sigma_rel!r}"
-        )
-    t = sigma_rel**-2
-
-    def cubic(g: float) -> float:
-        return ((g + 7.0) * g + 16.0 - t) * g + 12.0 - t
-
-    # sigma_rel(gamma) decreases from sqrt(1/12) at gamma = -1 towards 0, so the root sits in
-    # (-1, hi): bracket it and bisect to float precision.
-    lo, hi = -1.0, 1.0
-    while cubic(hi) < 0:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if cubic(mid) < 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-15 * max(1.0, abs(hi)):
-            break
-    return 0.5 * (lo + hi)
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """EDM2 Eq. 123: ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 (gamma + 3)))``.
-
-    >>> round(gamma_to_sigma_rel(sigma_rel_to_gamma(0.1)), 12)
-    0.1
-    """
-    if gamma <= -1:
-        raise ValueError(f"gamma must be greater than -1; got {gamma!r}")
-    # Written so that no intermediate overflows for a huge gamma.
-    return math.sqrt((gamma + 1.0) / (gamma + 3.0)) / (gamma + 2.0)
-
-
-def power_function_smoothing(now: float, elapsed: float, gamma: float) -> float:
-    """EDM2's power-function EMA (Eq. 127): ``beta = (1 - elapsed / now) ** (gamma + 1)``.
-
-    ``now`` is the training progress after this step, counted from the start of training.
-
-    >>> power_function_smoothing(1, 1, 6.94)   # first step: copy
-    0.0
-    """
-    if now <= 0:
-        return 1.0
-    return float(max(0.0, 1.0 - elapsed / now) ** (gamma + 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,24 +207,12 @@ class Update:
     weight: float
     smoothing: float
     initialise: bool
+    step: Step | None = None  # what the averager saw (None for the initialising copy)
 
 
 def _as_typed(value: Any) -> str:
     """``value`` quoted as the user typed it (a string as is, a :class:`Time` as its string)."""
     return repr(value) if isinstance(value, str) else repr(str(value))
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
-    if isinstance(value, int):
-        # An integer a float cannot hold would be rounded (2**53 + 1) or overflow.
-        if abs(value) > 2**53 and (abs(value) > sys.float_info.max or float(value) != value):
-            raise ValueError(f"{name} must be a number a float holds exactly; got {value!r}")
-        return float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must be a number, not NaN; got {value!r}")
-    return float(value)
 
 
 class Schedule:
@@ -424,50 +261,32 @@ class Schedule:
         warmup_power: float = 2 / 3,
         rampup_ratio: float | None = None,
         *,
+        ema_power: float | None = None,
+        bias_power: float | None = None,
+        lag: float | None = None,
+        multiplier: float | None = None,
+        min_ema_multiplier: float | None = None,
+        uniform: bool | None = None,
         names: Mapping[str, str] | None = None,
     ) -> None:
         label = dict(names or {})
         interval_name = label.get("update_interval", "update_interval")
         start_name = label.get("start", "start")
-        given = {
-            k: v
-            for k, v in (
-                ("half_life", half_life),
-                ("smoothing", smoothing),
-                ("sigma_rel", sigma_rel),
-            )
-            if v is not None
-        }
-        if len(given) > 1:
-            shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
-            raise ValueError(f"give exactly one of half_life, smoothing or sigma_rel; got {shown}")
-        if not given:
-            half_life = "1000ba"
-
-        self.half_life: Time | None = None
-        self.smoothing: float | None = None
-        self.sigma_rel: float | None = None
-        self.gamma: float | None = None
-        if smoothing is not None:
-            value = _number(smoothing, "smoothing")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"smoothing must be between 0 and 1; got {smoothing!r}")
-            self.smoothing = value
-        elif sigma_rel is not None:
-            self.sigma_rel = _number(sigma_rel, "sigma_rel")
-            self.gamma = sigma_rel_to_gamma(self.sigma_rel)
-        else:
-            if isinstance(half_life, float) and not isinstance(half_life, bool):
-                if not math.isinf(half_life) or half_life < 0:
-                    raise ValueError(
-                        "half_life as a number must be float('inf') (an EMA that never moves); "
-                        f"use a time string like '1000ba' otherwise; got {half_life!r}"
-                    )
-                self.half_life = Time(math.inf, TimeUnit.BATCH)
-            else:
-                assert half_life is not None
-                self.half_life = Time.parse(half_life, "half_life")  # type: ignore[arg-type]
-
+        self.averager: Averager = averager_from_options(
+            half_life=half_life,
+            smoothing=smoothing,
+            sigma_rel=sigma_rel,
+            ema_power=ema_power,
+            bias_power=bias_power,
+            lag=lag,
+            multiplier=multiplier,
+            min_ema_multiplier=min_ema_multiplier,
+            uniform=uniform,
+            warmup=warmup,
+            warmup_gamma=warmup_gamma,
+            warmup_power=warmup_power,
+            rampup_ratio=rampup_ratio,
+        )
         if update_interval is None:
             if self.half_life is not None and self.half_life.unit in (
                 TimeUnit.BATCH,
@@ -485,29 +304,45 @@ class Schedule:
         if self.start.is_infinite:
             raise ValueError(f"{start_name} must be finite; got {_as_typed(start)}")
 
-        if not isinstance(warmup, str):
-            raise TypeError(f"warmup must be one of {WARMUPS}; got {warmup!r}")
-        if warmup not in WARMUPS:
-            raise ValueError(f"warmup must be one of {WARMUPS}; got {warmup!r}")
-        if warmup != "none" and self.sigma_rel is not None:
-            raise ValueError(
-                f"warmup={warmup!r} cannot be combined with sigma_rel: the power-function EMA "
-                "has its own warm-up"
-            )
-        self.warmup = warmup
-        self.warmup_gamma = _number(warmup_gamma, "warmup_gamma")
-        if not 0 < self.warmup_gamma < math.inf:
-            raise ValueError(f"warmup_gamma must be positive and finite; got {warmup_gamma!r}")
-        self.warmup_power = _number(warmup_power, "warmup_power")
-        if not 0 < self.warmup_power < math.inf:
-            raise ValueError(f"warmup_power must be positive and finite; got {warmup_power!r}")
-        self.rampup_ratio: float | None = None
-        if rampup_ratio is not None:
-            if self.half_life is None:
-                raise ValueError("rampup_ratio needs a half_life (it caps the half-life)")
-            self.rampup_ratio = _number(rampup_ratio, "rampup_ratio")
-            if not 0 < self.rampup_ratio < math.inf:
-                raise ValueError(f"rampup_ratio must be positive and finite; got {rampup_ratio!r}")
+    # -- the averager's options, as attributes (None where the averager has no such option) --
+
+    @property
+    def kind(self) -> str:
+        """The averager's kind: ``'half_life'``, ``'smoothing'``, ``'sigma_rel'``, ``'bema'`` or
+        ``'uniform'``."""
+        return self.averager.kind
+
+    @property
+    def half_life(self) -> Time | None:
+        return getattr(self.averager, "half_life", None)
+
+    @property
+    def smoothing(self) -> float | None:
+        return getattr(self.averager, "smoothing_value", None)
+
+    @property
+    def sigma_rel(self) -> float | None:
+        return getattr(self.averager, "sigma_rel", None)
+
+    @property
+    def gamma(self) -> float | None:
+        return getattr(self.averager, "gamma", None)
+
+    @property
+    def warmup(self) -> str:
+        return getattr(self.averager, "warmup", "none")
+
+    @property
+    def warmup_gamma(self) -> float:
+        return getattr(self.averager, "warmup_gamma", 1.0)
+
+    @property
+    def warmup_power(self) -> float:
+        return getattr(self.averager, "warmup_power", 2 / 3)
+
+    @property
+    def rampup_ratio(self) -> float | None:
+        return getattr(self.averager, "rampup_ratio", None)
 
     # -- introspection --------------------------------------------------------------------
 
@@ -518,32 +353,32 @@ class Schedule:
 
     @functools.cached_property
     def _units(self) -> frozenset[TimeUnit]:
-        units = {self.update_interval.unit, self.start.unit}
-        if self.half_life is not None:
-            units.add(self.half_life.unit)
-        return frozenset(units)
+        return frozenset({self.update_interval.unit, self.start.unit}) | self.averager.units()
 
     def describe(self) -> str:
         """A short human label (``'half_life=50ba'``), used in metric names and messages."""
-        if self.half_life is not None:
-            return f"half_life={self.half_life}"
-        if self.smoothing is not None:
-            return f"smoothing={self.smoothing:g}"
-        return f"sigma_rel={self.sigma_rel:g}"
+        return self.averager.describe()
 
     def config(self) -> dict[str, Any]:
-        """The arguments that rebuild this schedule (plain strings and numbers)."""
-        return {
+        """The arguments that rebuild this schedule (plain strings and numbers); the averaging
+        options of another averager are absent."""
+        out: dict[str, Any] = {
             "half_life": None if self.half_life is None else str(self.half_life),
             "smoothing": self.smoothing,
             "sigma_rel": self.sigma_rel,
-            "update_interval": str(self.update_interval),
-            "start": str(self.start),
-            "warmup": self.warmup,
-            "warmup_gamma": self.warmup_gamma,
-            "warmup_power": self.warmup_power,
-            "rampup_ratio": self.rampup_ratio,
         }
+        out.update(self.averager.config())
+        out.update(
+            {
+                "update_interval": str(self.update_interval),
+                "start": str(self.start),
+                "warmup": self.warmup,
+                "warmup_gamma": self.warmup_gamma,
+                "warmup_power": self.warmup_power,
+                "rampup_ratio": self.rampup_ratio,
+            }
+        )
+        return out
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -573,37 +408,19 @@ class Schedule:
             if self._now(clock, self.start.unit) < self.start.value:
                 return None
             return Update(weight=1.0, smoothing=0.0, initialise=True)
-        beta = self._smoothing(clock, state)
-        if self.warmup == "debias":
-            weight, _ = debiased_weight(beta, state.bias_product)
-        else:
-            weight = 1.0 - beta
-        return Update(weight=weight, smoothing=beta, initialise=False)
+        step = self.step_at(clock, state)
+        weight, beta = self.averager.weight(step)
+        return Update(weight=weight, smoothing=beta, initialise=False, step=step)
 
-    def _smoothing(self, clock: Clock, state: ScheduleState) -> float:
-        n = state.num_updates
-        if self.smoothing is not None:
-            beta = self.smoothing
-        elif self.gamma is not None:
-            unit = self.update_interval.unit
-            now = self._now(clock, unit)
-            elapsed = now - state.last.get(unit.value, 0.0)
-            beta = power_function_smoothing(now, elapsed, self.gamma)
-        else:
-            assert self.half_life is not None
-            unit = self.half_life.unit
-            now = self._now(clock, unit)
-            elapsed = max(0.0, now - state.last.get(unit.value, now))
-            half_life = float(self.half_life.value)
-            if self.rampup_ratio is not None:
-                since_start = max(0.0, now - state.last.get(f"start_{unit.value}", 0.0))
-                half_life = min(half_life, since_start * self.rampup_ratio)
-            beta = half_life_to_smoothing(half_life, elapsed)
-        if self.warmup == "tf":
-            beta = tf_dynamic_smoothing(beta, n)
-        elif self.warmup == "power":
-            beta = min(beta, power_warmup_smoothing(n, self.warmup_gamma, self.warmup_power))
-        return beta
+    def step_at(self, clock: Clock, state: ScheduleState) -> Step:
+        """What the averager sees of an update at ``clock`` after ``state``."""
+        return Step(
+            now=clock.as_dict(),
+            last=state.last,
+            interval=self.update_interval.unit.value,
+            num_updates=state.num_updates,
+            bias_product=state.bias_product,
+        )
 
     def commit(self, clock: Clock, state: ScheduleState, update: Update | None) -> None:
         """Record that ``update`` was applied at ``clock``."""
@@ -619,8 +436,7 @@ class Schedule:
         else:
             state.num_updates += 1
             state.smoothing = update.smoothing
-            if self.warmup == "debias":
-                state.bias_product *= update.smoothing
+            state.bias_product = self.averager.committed(update.smoothing, state.bias_product)
             last.update({k: v for k, v in state.last.items() if k.startswith("start_")})
         state.last = last
 

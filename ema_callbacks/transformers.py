@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
 import os
 import re
 import sys
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -68,14 +66,23 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
     ) from err
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ema_callbacks.controller import EMAController, EMAProfile, _snapshot_folder_option
-from ema_callbacks.files import FileProblem, atomic_write
+from ema_callbacks.controller import (
+    EMAController,
+    EMAProfile,
+    _snapshot_folder_option,
+    first_batches,
+)
+from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock
-from ema_callbacks.weights import EMAWeights, normalize_name, unwrap_model
+from ema_callbacks.state_files import (
+    _paths,
+    _shard_files,
+    load_ema_state,
+    save_ema_state,
+)
+from ema_callbacks.weights import normalize_name, unwrap_model
 
 __all__ = ["EMATrainerCallback", "load_ema_state", "save_ema_state"]
 
@@ -86,220 +93,6 @@ _TOKENS_HINT = (
 # A safe file-name component: it names checkpoint-N/{name}_state.* and {name}_snapshots.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _NAME_MAX = 100
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint files
-# ---------------------------------------------------------------------------------------------
-
-
-def _paths(
-    directory: str | os.PathLike[str], name: str, shard: tuple[int, int] | None = None
-) -> tuple[str, str]:
-    suffix = "" if shard is None else f"-rank{shard[0]}-of{shard[1]}"
-    base = os.path.join(os.fspath(directory), f"{name}_state{suffix}")
-    return base + ".safetensors", base + ".json"
-
-
-def _shard_files(directory: str | os.PathLike[str], name: str) -> dict[int, set[int]]:
-    """``{world size: {ranks}}`` of the per-rank (ZeRO-3) EMA files in ``directory``."""
-    pattern = re.compile(rf"^{re.escape(name)}_state-rank(\d+)-of(\d+)\.json$")
-    found: dict[int, set[int]] = {}
-    folder = os.fspath(directory)
-    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
-        match = pattern.match(entry)
-        if match:
-            found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
-    return found
-
-
-def save_ema_state(
-    state: Mapping[str, Any],
-    directory: str | os.PathLike[str],
-    name: str = "ema",
-    shard: tuple[int, int] | None = None,
-    full_shapes: Mapping[str, Any] | None = None,
-) -> None:
-    """Write an :meth:`EMAController.state_dict` into ``directory`` as ``{name}_state.safetensors``
-    (the tensors) and ``{name}_state.json`` (everything else), each atomically (temp file +
-    ``os.replace``); the JSON is written last, so its presence means the pair is complete.
-    Both files carry the same write id (the JSON's ``write``, the safetensors metadata
-    ``ema_callbacks_write``): a pair from two different saves (a save killed between the two
-    renames) is refused on load, never mixed.
-
-    Tensor keys: ``shadow/<tensor>`` (the primary EMA), ``training/<tensor>`` (the training
-    weights, when the model held an EMA) and ``profiles/<profile>/<tensor>`` (the other EMAs of
-    a callback with several). The JSON lists them under ``tensors``.
-
-    ``shard=(rank, world)`` writes one rank's part of a DeepSpeed ZeRO-3 EMA (its flat
-    partitions) as ``{name}_state-rank{rank}-of{world}.*``; ``full_shapes`` (name -> shape of
-    the whole tensor) lets :func:`load_ema_state` reassemble the partitions.
-
-    >>> import tempfile, torch
-    >>> ctrl = EMAController.create(half_life=['4ba', '8ba'])
-    >>> ctrl.fit_start(torch.nn.Linear(2, 1))
-    >>> folder = tempfile.mkdtemp()
-    >>> save_ema_state(ctrl.state_dict(), folder)
-    >>> sorted(os.listdir(folder))
-    ['ema_state.json', 'ema_state.safetensors']
-    >>> state = load_ema_state(folder)
-    >>> sorted(state['shadow']), sorted(state['profiles']['ema_8ba']['shadow'])
-    (['bias', 'weight'], ['bias', 'weight'])
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    listing: dict[str, Any] = {}
-    for group in ("shadow", "training"):
-        if group not in state:
-            continue
-        values = dict(state.get(group) or {})
-        for key, value in values.items():
-            tensors[f"{group}/{key}"] = value.detach().contiguous()
-        listing[group] = sorted(values)
-    meta = {k: v for k, v in state.items() if k not in ("shadow", "training", "profiles")}
-    if state.get("profiles") is not None:
-        meta["profiles"], listing["profiles"] = {}, {}
-        for profile, saved in dict(state["profiles"]).items():
-            meta["profiles"][profile] = {k: v for k, v in saved.items() if k != "shadow"}
-            shadow = dict(saved.get("shadow") or {})
-            for key, value in shadow.items():
-                tensors[f"profiles/{profile}/{key}"] = value.detach().contiguous()
-            listing["profiles"][profile] = sorted(shadow)
-    meta["tensors"] = listing
-    if shard is not None:
-        meta["shard"] = {"rank": int(shard[0]), "world": int(shard[1])}
-        meta["full_shapes"] = {k: [int(n) for n in v] for k, v in (full_shapes or {}).items()}
-    write_id = uuid.uuid4().hex
-    meta["write"] = write_id
-    tensor_path, json_path = _paths(directory, name, shard)
-    atomic_write(tensor_path, lambda p: save_file(tensors, p, metadata={_WRITE_KEY: write_id}))
-
-    def write_json(path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-
-    atomic_write(json_path, write_json)
-
-
-def load_ema_state(
-    directory: str | os.PathLike[str], name: str = "ema", shard: tuple[int, int] | None = None
-) -> dict[str, Any]:
-    """Read what :func:`save_ema_state` wrote (tensors on CPU): a state for
-    :meth:`EMAController.load_state_dict`. ``state['shadow']`` is the (primary) EMA as a plain
-    state dict of the bare model; with several EMAs, ``state['profiles'][name]['shadow']`` is
-    each other one. Raises ``FileNotFoundError`` naming the files if they are not there. Files
-    written before several EMAs existed (no ``profiles``) load unchanged.
-
-    ``shard=(rank, world)`` reads one rank's ZeRO-3 part as written. Without ``shard``, a folder
-    holding only per-rank ZeRO-3 files is reassembled into the full EMA (partitions
-    concatenated in rank order, padding trimmed, shapes restored; no processes needed).
-
-    >>> import tempfile, torch
-    >>> ctrl = EMAController.create(half_life='4ba')
-    >>> ctrl.fit_start(torch.nn.Linear(2, 1))
-    >>> folder = tempfile.mkdtemp()
-    >>> save_ema_state(ctrl.state_dict(), folder, name='slow')
-    >>> load_ema_state(folder, name='slow')['config']['schedule']['half_life']
-    '4ba'
-    >>> load_ema_state(folder)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: no EMA state in '...': expected ema_state.safetensors and ema_state.json
-    """
-    tensor_path, json_path = _paths(directory, name, shard)
-    if not (os.path.isfile(tensor_path) and os.path.isfile(json_path)):
-        worlds = _shard_files(directory, name)
-        if shard is None and len(worlds) == 1:
-            return _merge_shards(directory, name, *next(iter(worlds.items())))
-        raise FileNotFoundError(
-            f"no EMA state in {os.fspath(directory)!r}: expected {os.path.basename(tensor_path)} "
-            f"and {os.path.basename(json_path)}"
-        )
-    state, tensors = _read_pair(tensor_path, json_path)
-    for group, keys in dict(state.pop("tensors", {})).items():
-        if group == "profiles":
-            for profile, names in dict(keys).items():
-                entry = state.setdefault("profiles", {}).setdefault(profile, {})
-                missing = [k for k in names if f"profiles/{profile}/{k}" not in tensors]
-                if missing:
-                    raise ValueError(
-                        f"{tensor_path!r} lacks the tensors {missing[:5]} of EMA profile "
-                        f"{profile!r} that {os.path.basename(json_path)} lists"
-                    )
-                entry["shadow"] = {k: tensors[f"profiles/{profile}/{k}"] for k in names}
-        else:
-            state[group] = {
-                k[len(group) + 1 :]: v for k, v in tensors.items() if k.startswith(group + "/")
-            }
-    return state
-
-
-_WRITE_KEY = "ema_callbacks_write"
-
-
-def _read_pair(tensor_path: str, json_path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The JSON and the tensors of one :func:`save_ema_state` write; a damaged file or a pair
-    from two different writes is a :class:`~ema_callbacks.files.FileProblem` naming the files."""
-    try:
-        with open(json_path) as f:
-            state = json.load(f)
-        if not isinstance(state, dict):
-            raise ValueError(f"expected a JSON object, got {type(state).__name__}")
-    except (OSError, ValueError, RecursionError) as err:
-        raise FileProblem(f"{json_path}: damaged EMA state file ({err})") from err
-    try:
-        with safe_open(tensor_path, framework="pt", device="cpu") as f:
-            written = (f.metadata() or {}).get(_WRITE_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:
-        raise FileProblem(
-            f"{tensor_path}: damaged or truncated EMA state file ({' '.join(str(err).split())[:120]})"
-        ) from err
-    expected = state.pop("write", None)
-    if written != expected:
-        raise FileProblem(
-            f"torn EMA state: {os.path.basename(tensor_path)} and {os.path.basename(json_path)} "
-            f"in {os.path.dirname(tensor_path)!r} come from different saves (write ids "
-            f"{written!r} and {expected!r}; a save was interrupted between its two files); "
-            "resume from another checkpoint"
-        )
-    return state, tensors
-
-
-def _merge_shards(
-    directory: str | os.PathLike[str], name: str, world: int, ranks: set[int]
-) -> dict[str, Any]:
-    """The full EMA from the ``world`` per-rank ZeRO-3 files in ``directory``."""
-    if ranks != set(range(world)):
-        raise FileNotFoundError(
-            f"incomplete ZeRO-3 EMA state in {os.fspath(directory)!r}: {world} ranks wrote it, "
-            f"but only the files of ranks {sorted(ranks)} are there"
-        )
-    parts = [load_ema_state(directory, name, (r, world)) for r in range(world)]
-    merged = {k: v for k, v in parts[0].items() if k not in ("shard", "full_shapes")}
-    shapes = parts[0].get("full_shapes", {})
-
-    def whole(tensors: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, value in tensors[0].items():
-            if key not in shapes:  # whole on every rank (buffers)
-                out[key] = value
-                continue
-            full = torch.cat([t[key].reshape(-1) for t in tensors])
-            out[key] = full[: math.prod(shapes[key])].reshape(shapes[key]).clone()
-        return out
-
-    for group in ("shadow", "training"):
-        if group in parts[0]:
-            merged[group] = whole([p[group] for p in parts])
-    if "profiles" in parts[0]:
-        merged["profiles"] = {
-            profile: {
-                **saved,
-                "shadow": whole([p["profiles"][profile].get("shadow", {}) for p in parts]),
-            }
-            for profile, saved in parts[0]["profiles"].items()
-        }
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,20 +237,18 @@ _PREPARATION = "_model_preparation_time"
 def _training_weights_in(runs: list[_Run]) -> Iterator[None]:
     """The training weights in the model for the block (an EMA left in by ``final_weights``
     is swapped out), the previous weights back afterwards, whatever happens."""
-    held: list[tuple[_Run, EMAWeights]] = []
+    held: list[tuple[_Run, str]] = []
     try:
         for run in reversed(runs):
             active = run.controller.active_profile
             if active is not None:
-                weights = run.controller.profile(active).weights
-                assert weights is not None
-                weights.swap_out()
-                held.append((run, weights))
+                run.controller.activate(None, None)
+                held.append((run, active))
                 _sync_gathered(run)
         yield
     finally:
-        for run, weights in reversed(held):
-            weights.swap_in()
+        for run, active in reversed(held):
+            run.controller.activate(None, active)
             _sync_gathered(run)
 
 
@@ -590,6 +381,17 @@ def _wrap_evaluation(trainer: Any, runs: Mapping[str, _Run]) -> None:
     trainer.evaluation_loop = evaluation_loop
 
 
+def _hf_forward(model: nn.Module, batch: Any) -> Any:
+    """The model on a batch as the Trainer feeds it: ``model(**batch)``, on the model's
+    device (``update_bn_batches``)."""
+    device = next((p.device for p in model.parameters()), None)
+    if isinstance(batch, Mapping):
+        return model(
+            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        )
+    return model(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
+
+
 def _metric_profile(metric: str | None, names: list[str]) -> str | None:
     """The profile whose metric ``metric`` (``metric_for_best_model``) is: ``eval_<profile>_x``
     or, with several evaluation datasets, ``eval_<dataset>_<profile>_x``; None for a metric
@@ -630,31 +432,11 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     The first profile is the primary one: kept after ``train()``, and the one
     ``load_ema_state(...)['shadow']`` and ``ema-callbacks export`` read.
 
+    The options every entry point shares (the average, its schedule, the tensors averaged,
+    evaluation, the post-hoc snapshots) are documented once, in :mod:`ema_callbacks.options`
+    (``docs/options.md``), and listed under Args at import; the transformers-only one first.
+
     Args:
-        half_life, smoothing, sigma_rel: the averaging; one value, or a list of values for one
-            EMA each (``half_life=['100ba', '1000ba']``; one of the three may be a list).
-        update_interval, start, warmup, warmup_gamma, warmup_power, rampup_ratio: the rest of
-            the schedule (:class:`~ema_callbacks.schedule.Schedule`), shared by every profile.
-        profiles: several EMAs, a list of mappings of schedule options that override the shared
-            ones, each with an optional ``name`` (the metric prefix; default like
-            ``'ema_1000ba'``): ``[{'name': 'fast', 'half_life': '100ba'}, ...]``.
-        include, exclude, trainable_only, buffers, dtype, device, nonfinite: which weights and
-            how they are kept (:class:`~ema_callbacks.weights.EMAWeights`).
-        final_weights: ``'ema'`` (the primary profile) or ``'training'``: what the model holds
-            after ``train()``.
-        eval_with_ema: swap the EMA in for evaluations during training (default True).
-        eval_all: evaluate the training weights and every profile in each evaluation (default:
-            True with several profiles; False with one, which evaluates the EMA under the
-            Trainer's metric names).
-        train_with_ema_weights: copy the EMA into the model after every update (one profile).
-        snapshot_every: write post-hoc EMA snapshots of every ``sigma_rel`` profile on this
-            interval (a time string like ``'1000ba'``), for
-            :func:`ema_callbacks.posthoc.reconstruct`.
-        snapshot_dtype: floating dtype of the snapshot files (default ``'float16'``).
-        snapshot_keep: keep only the latest this many snapshot times (default all).
-        snapshot_folder: where the snapshots go (default ``<output_dir>/{name}_snapshots``,
-            i.e. ``ema_snapshots``; outside the checkpoint folders, so ``save_total_limit``
-            does not rotate them).
         name: file prefix in checkpoints (two callbacks need two names).
 
     All arguments are plain JSON values (lists and mappings included, as ``trainer_state.json``
@@ -708,6 +490,14 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         snapshot_dtype: str = "float16",
         snapshot_keep: int | None = None,
         snapshot_folder: str | None = None,
+        stream: bool = False,
+        ema_power: float | None = None,
+        bias_power: float | None = None,
+        lag: float | None = None,
+        multiplier: float | None = None,
+        min_ema_multiplier: float | None = None,
+        uniform: bool = False,
+        update_bn_batches: int | None = None,
     ) -> None:
         for arg, value in (("dtype", dtype), ("device", device)):
             if value is not None and not isinstance(value, str):
@@ -732,31 +522,15 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
                 {k: _json_time(v) if k == "half_life" else _json_list(v) for k, v in p.items()}
                 for p in profiles
             ]
+        # Every shared option, as given, in the JSON forms trainer_state.json keeps.
         self._options: dict[str, Any] = {
+            **forwarded(locals()),
             "half_life": _json_time(half_life),
             "smoothing": _json_list(smoothing),
             "sigma_rel": _json_list(sigma_rel),
-            "update_interval": update_interval,
-            "start": start,
-            "warmup": warmup,
-            "warmup_gamma": warmup_gamma,
-            "warmup_power": warmup_power,
-            "rampup_ratio": rampup_ratio,
             "include": _json_list(include),
             "exclude": _json_list(exclude),
-            "trainable_only": trainable_only,
-            "buffers": buffers,
-            "dtype": dtype,
-            "device": device,
-            "nonfinite": nonfinite,
-            "final_weights": final_weights,
-            "eval_with_ema": eval_with_ema,
-            "train_with_ema_weights": train_with_ema_weights,
             "profiles": profiles,
-            "eval_all": eval_all,
-            "snapshot_every": snapshot_every,
-            "snapshot_dtype": snapshot_dtype,
-            "snapshot_keep": snapshot_keep,
         }
         self.name = name
         self.snapshot_folder = snapshot_folder
@@ -948,6 +722,8 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         run.controller.exception()  # a previous train() may have left its EMA in
         _sync_gathered(run)
         run.controller = EMAController.create(**self._options)
+        if run.controller.update_bn_batches is not None and train_dataloader is not None:
+            run.controller.bn_source = lambda: (first_batches(train_dataloader), _hf_forward)
         run.eval_swap = False
         run.samples_per_epoch = run.steps_per_epoch = None
         try:
@@ -1073,9 +849,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
             if profile is None or not profile.started or profile.weights is None:
                 controller.train_start()  # the metric was the training weights'
             elif profile is not controller.primary:
-                assert controller.weights is not None
-                controller.weights.swap_out()
-                profile.weights.swap_in(model)
+                controller.activate(model, profile.name)
         _sync_gathered(self._run, force=True)  # the Trainer may have loaded the best weights
 
     # -- using the EMA ---------------------------------------------------------------------
@@ -1160,3 +934,14 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         with self.ema_weights(model, chosen.name):
             trainer.save_model(folder)
         return folder
+
+
+document(
+    EMATrainerCallback,
+    notes={
+        "snapshot_folder": "Default ``<output_dir>/{name}_snapshots``, i.e. ``ema_snapshots``: "
+        "outside the checkpoint folders, so ``save_total_limit`` does not rotate them.",
+        "update_bn_batches": "Each training batch (a mapping) goes through the model as "
+        "``model(**batch)``, moved to the model's device, as the Trainer feeds it.",
+    },
+)

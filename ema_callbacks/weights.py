@@ -277,6 +277,11 @@ class _Group:
     def __init__(self, entries: list[_Entry], shadows: list[torch.Tensor]) -> None:
         self.entries = entries
         self.shadows = shadows
+        # What the update lerps into: the shadows (the evaluated weights), or for an average
+        # whose evaluated weights are formed from a running one (BEMA) that buffer; and every
+        # extra buffer of the averaged tensors (EMAWeights.extra), aligned with ``entries``.
+        self.targets = shadows
+        self.extra: dict[str, list[torch.Tensor]] = {}
         self.params = (
             [e.owner._parameters[e.attr] for e in entries] if entries[0].is_param else None
         )
@@ -339,6 +344,11 @@ class EMAWeights:
             backward; every ``torch.optim`` optimizer step then waits for it on the GPU (no host
             synchronisation). Weights written outside ``torch.optim`` need :meth:`synchronize`
             first. Ignored on CPU.
+        extra, running: for an average whose evaluated weights are not its running average
+            (BEMA): the names of extra tensors kept per averaged weight (shaped, sharded and
+            saved like the shadow: :attr:`extra`), and the one of them the update lerps into
+            (None: the shadow). ``shadow`` always holds the evaluated weights: the ones swapped
+            in, viewed, copied and written out.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     >>> w = EMAWeights(model, buffers='copy', exclude='1.*')
@@ -360,6 +370,8 @@ class EMAWeights:
         device: str | torch.device | None = None,
         nonfinite: str = "ignore",
         stream: bool = False,
+        extra: Sequence[str] = (),
+        running: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -387,7 +399,11 @@ class EMAWeights:
         self._side_stream: Any = None
         self._pending_event: Any = None
 
+        if running is not None and running not in extra:
+            raise ValueError(f"running must be one of extra {tuple(extra)}; got {running!r}")
+        self.running = running
         self.shadow: dict[str, torch.Tensor] = {}
+        self.extra: dict[str, dict[str, torch.Tensor]] = {b: {} for b in extra}
         self._average: dict[str, bool] = {}
         self._entries: list[_Entry] = []
         # Tied/shared tensors: every other name a tracked tensor has in the bound model,
@@ -434,6 +450,9 @@ class EMAWeights:
                     t = t.pin_memory()
                 self.shadow[e.name] = t
                 self._average[e.name] = e.average
+                if e.average:
+                    for kept in self.extra.values():
+                        kept[e.name] = t.clone()
         self.bind(model)
 
     # -- selection and binding ------------------------------------------------------------
@@ -607,6 +626,10 @@ class EMAWeights:
         self._groups, self._mixed, self._copies = [], [], []
         for (average, _, sdev, sdt, pdev, pdt), members in groups.items():
             group = _Group(members, [self.shadow[e.name] for e in members])
+            if average:
+                group.extra = {b: [t[e.name] for e in members] for b, t in self.extra.items()}
+                if self.running is not None:
+                    group.targets = group.extra[self.running]
             if not average:
                 self._copies.append(group)
             elif sdev == pdev and sdt == pdt:
@@ -721,8 +744,18 @@ class EMAWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the shadow tensors."""
-        return sum(t.numel() * t.element_size() for t in self.shadow.values())
+        """Bytes held by the shadow tensors and any extra buffers."""
+        tensors = [*self.shadow.values(), *(t for b in self.extra.values() for t in b.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def averaged_groups(
+        self,
+    ) -> list[tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], list[torch.Tensor]]]:
+        """``(shadows, {extra buffer: tensors}, sources)`` for every group of averaged tensors
+        (one device and dtype each; the sources may be of another dtype or device): what an
+        averager with extra buffers works on after an update."""
+        self.synchronize()
+        return [(g.shadows, g.extra, g.sources()) for g in (*self._groups, *self._mixed)]
 
     @property
     def is_swapped(self) -> bool:
@@ -1006,6 +1039,97 @@ class EMAWeights:
                 self.swap_out()
 
     @torch.no_grad()
+    def update_bn_(
+        self,
+        loader: Any,
+        model: nn.Module | None = None,
+        *,
+        batches: int | None = None,
+        forward: Any = None,
+    ) -> int:
+        """Recompute the BatchNorm statistics held in the shadow for the shadow's weights:
+        ``torch.optim.swa_utils.update_bn`` on the model with the shadow swapped in (statistics
+        reset, ``momentum=None``, training mode, one forward per batch: a list or tuple feeds
+        its first item, moved to the model's device), without a copy of the model. The model's
+        training weights, statistics, modes and momenta are back afterwards; on an exception the
+        shadow's statistics are too. ``batches`` stops after that many; ``forward(model,
+        batch)`` replaces the call of the model on a batch (a trainer's own way to feed it).
+        Returns the number of batches used."""
+        if self.buffers == "ignore":
+            raise ValueError(
+                "update_bn needs the average to hold the BatchNorm statistics: build the EMA "
+                "with buffers='average' or buffers='copy' (it has buffers='ignore')"
+            )
+        if batches is not None and (
+            isinstance(batches, bool) or not isinstance(batches, int) or batches < 1
+        ):
+            raise ValueError(f"batches must be a positive integer or None; got {batches!r}")
+        self._check_bound(model)
+        bound = self._bound
+        assert bound is not None
+        root = unwrap_model(bound)
+        norms = [
+            (name, m)
+            for name, m in root.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        if not norms:
+            raise ValueError(
+                "update_bn: the model has no BatchNorm layer that tracks running statistics, so "
+                "there are none to recompute for the average"
+            )
+        tracked = {
+            normalize_name(f"{name}.{attr}" if name else attr)
+            for name, m in norms
+            for attr in ("running_mean", "running_var", "num_batches_tracked")
+        } & set(self.shadow)
+        if not tracked:
+            raise ValueError(
+                "update_bn: the EMA does not track the BatchNorm statistics (include/exclude "
+                "filter them out), so the average has none to recompute"
+            )
+        device = next((t.device for t in root.parameters()), None)
+        saved = {n: self.shadow[n].clone() for n in tracked}
+        modes = [(m, m.training) for m in root.modules()]
+        momenta = [(m, m.momentum) for _, m in norms]
+        used = 0
+        with self.swapped():
+            try:
+                for _, m in norms:
+                    m.reset_running_stats()
+                    m.momentum = None
+                root.train()
+                for batch in loader:
+                    if batches is not None and used >= batches:
+                        break
+                    if forward is not None:
+                        forward(bound, batch)
+                    else:
+                        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                        if isinstance(x, torch.Tensor) and device is not None:
+                            x = x.to(device)
+                        bound(x)
+                    used += 1
+                # Statistics of tensors swapped by copy live in the model: keep them.
+                for e in self._swap_copies:
+                    if e.name in tracked:
+                        self.shadow[e.name].copy_(self._source_of(e))
+            except BaseException:
+                for n, t in saved.items():
+                    self.shadow[n].copy_(t)
+                raise
+            finally:
+                for m, momentum in momenta:
+                    m.momentum = momentum
+                for module, mode in modes:
+                    module.training = mode
+        if used == 0:
+            for n, t in saved.items():
+                self.shadow[n].copy_(t)
+            raise ValueError("update_bn: the loader gave no batch; the statistics are unchanged")
+        return used
+
+    @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the EMA values into the model's weights (a permanent copy, not a swap)."""
         self.synchronize()
@@ -1206,6 +1330,40 @@ class EMAWeights:
                 )
             target.copy_(local)
 
+    def extra_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{buffer: {name: tensor}}`` of the extra buffers (live tensors; clone to keep)."""
+        self.synchronize()
+        return {b: {n: t[n] for n in sorted(t)} for b, t in self.extra.items()}
+
+    @torch.no_grad()
+    def load_extra_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Copy saved extra buffers in (:meth:`extra_state_dict`'s layout); every buffer and
+        name this EMA keeps must be there, with the right shape (``ValueError`` otherwise)."""
+        self.synchronize()
+        missing = sorted(set(self.extra) - set(state))
+        unexpected = sorted(set(state) - set(self.extra))
+        if missing or unexpected:
+            raise ValueError(
+                f"the EMA state's buffers do not match this average's: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        for buffer, tensors in self.extra.items():
+            saved = self._canonical(state[buffer])
+            if sorted(saved) != sorted(tensors):
+                raise ValueError(
+                    f"the EMA state's buffer {buffer!r} does not match the model: missing "
+                    f"{sorted(set(tensors) - set(saved))}, unexpected "
+                    f"{sorted(set(saved) - set(tensors))}"
+                )
+            for name, target in tensors.items():
+                local = self._local_part(name, saved[name])
+                if tuple(local.shape) != tuple(target.shape):
+                    raise ValueError(
+                        f"the EMA state's buffer {buffer!r} for {name!r} has shape "
+                        f"{tuple(saved[name].shape)}; expected {tuple(target.shape)}"
+                    )
+                target.copy_(local)
+
 
 def expand_aliases(
     tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]
@@ -1290,13 +1448,13 @@ def update_together_(
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
         for gi, group in enumerate(lead._groups):
             _blend_(
-                [(w._groups[gi].shadows, f) for w, f in zip(weights, factors, strict=True)],
+                [(w._groups[gi].targets, f) for w, f in zip(weights, factors, strict=True)],
                 group.sources(),
             )
         for gi, group in enumerate(lead._mixed):
             lead._mixed_lerp_(
                 group.sources(),
-                [(w._mixed[gi].shadows, f) for w, f in zip(weights, factors, strict=True)],
+                [(w._mixed[gi].targets, f) for w, f in zip(weights, factors, strict=True)],
                 group,
             )
         for gi, group in enumerate(lead._copies):

@@ -192,3 +192,17 @@ def test_pattern_matching_nothing_is_refused_when_the_model_is_bound(
 ) -> None:
     with pytest.raises(ValueError, match=words.replace("*", r"\*").replace(".", r"\.")):
         run(EMA(half_life="4ba", **kwargs), "2ba", eval_interval=None)
+
+
+def test_signature_takes_every_shared_option() -> None:
+    from ema_callbacks.composer import _DEFAULT_HALF_LIFE
+    from ema_callbacks.options import signature_differences
+
+    assert (
+        signature_differences(
+            EMA,
+            renamed={"start": "ema_start"},
+            defaults={"start": "0.0dur", "half_life": _DEFAULT_HALF_LIFE},
+        )
+        == []
+    )
