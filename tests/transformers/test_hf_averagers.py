@@ -142,7 +142,8 @@ def test_bema_shadow_evaluations_and_final_weights(
 
     # evaluations during training: the BEMA up to that step, under the Trainer's names
     logs = eval_logs(tr)
-    assert sorted(logs) == [3, 6, 8]  # the Trainer evaluates at the last step too
+    # newer Trainers evaluate at the last step too (5.x does; 4.47 does not)
+    assert sorted(logs) in ([3, 6], [3, 6, 8])
     for step, metrics in logs.items():
         upto = [s for s in due if s <= step]
         expected = reference_bema(rec.steps, upto, **bema)[0]
@@ -341,7 +342,8 @@ def test_bema_swa_and_an_ema_as_profiles(tmp_path: Path) -> None:
     tr.train()
     assert cb.controller.names == ["bema", "swa", "ema_4ba"]
     logs = eval_logs(tr)
-    assert sorted(logs) == [3, 6, 8]  # the Trainer evaluates at the last step too
+    # newer Trainers evaluate at the last step too (5.x does; 4.47 does not)
+    assert sorted(logs) in ([3, 6], [3, 6, 8])
     for step, metrics in logs.items():
         assert {"eval_loss", "eval_bema_loss", "eval_swa_loss", "eval_ema_4ba_loss"} <= set(metrics)
         upto = [s for s in rec.steps if s <= step]
