@@ -49,8 +49,8 @@ from ema_callbacks.time_strings import Time, TimeUnit
 
 __all__ = [
     "AVERAGERS",
-    "BEMA",
     "Averager",
+    "BEMA",
     "Constant",
     "HalfLife",
     "Power",

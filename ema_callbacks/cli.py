@@ -11,6 +11,8 @@
 ``posthoc SNAPSHOTS``     reconstruct an EMA of any width after training (EDM2 post-hoc EMA)
 ``sweep``                 accuracy against EMA half-life on digits, from one run: tracked
                           profiles and post-hoc reconstructions, a table and a PNG plot
+``averages``              accuracy against training time on digits, from one run: an EMA,
+                          BEMA and the uniform (SWA) average, a table and a PNG plot
 ========================  ==================================================================
 
 Every command prints its results as ``key: value`` lines; errors and warnings are one line on
@@ -311,6 +313,46 @@ def _posthoc(args: argparse.Namespace) -> int:
         progress=True,
     )
     _report(summary)
+    return 0
+
+
+def _averages(args: argparse.Namespace) -> int:
+    from ema_callbacks.examples.sweep import (
+        averages_over_time,
+        format_averages_table,
+        plot_averages,
+    )
+
+    started = time.perf_counter()
+    _report(
+        {
+            "data": "scikit-learn digits (a small MLP), trained once",
+            "steps": args.steps,
+            "averages": f"EMA (half-life {args.half_life}ba), BEMA and uniform, tracked together",
+        }
+    )
+    progress = _Progress("averages")
+    try:
+        result = averages_over_time(
+            steps=args.steps,
+            every=min(args.every, args.steps),
+            half_life=args.half_life,
+            seed=args.seed,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    print()
+    print(format_averages_table(result))
+    print()
+    plotted = plot_averages(result, args.output)
+    _report(
+        {
+            **{f"final_{name}": f"{result.final(name):.4f}" for name in result.accuracy},
+            "plot": args.output if plotted else _NO_PLOT,
+            "seconds": f"{time.perf_counter() - started:.0f}",
+        }
+    )
     return 0
 
 
@@ -665,6 +707,25 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the post-hoc snapshots in this folder (default: a temporary one, deleted)",
     )
     sw.set_defaults(func=_sweep)
+
+    av = command(
+        "averages",
+        "accuracy against training time of an EMA, BEMA and uniform average on digits",
+        "Train a small MLP on scikit-learn's digits once, tracking an EMA, BEMA (TRL's "
+        "defaults) and the uniform average of SWA (from half-way) together; print their "
+        "validation accuracy and the training weights' at evenly spaced steps and write a PNG "
+        "plot. Needs scikit-learn.",
+    )
+    av.add_argument("--steps", type=_integer(1), default=1000, help="optimizer steps")
+    av.add_argument("--every", type=_integer(1), default=25, help="steps between evaluations")
+    av.add_argument(
+        "--half-life", type=_integer(1), default=125, help="the EMA's half-life, in steps"
+    )
+    av.add_argument("--seed", type=_integer(0), default=0, help="seeds data split and weights")
+    av.add_argument(
+        "--output", type=_output_file, default="averages.png", help="where to write the PNG plot"
+    )
+    av.set_defaults(func=_averages)
     return parser
 
 

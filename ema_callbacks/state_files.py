@@ -4,6 +4,14 @@
 The transformers adapter keeps its EMA in ``checkpoint-N/{name}_state.*`` with these; they need
 no trainer (``ema-callbacks export`` reads them), and any trainer may use them for its
 checkpoint slot.
+
+>>> import tempfile, torch
+>>> from ema_callbacks import EMA
+>>> ema = EMA(torch.nn.Linear(2, 1), ema_power=0.5)
+>>> folder = tempfile.mkdtemp()
+>>> save_ema_state(ema.controller.state_dict(), folder)
+>>> sorted(load_ema_state(folder)['buffers'])     # BEMA's extra tensors travel too
+['ema', 'theta0']
 """
 
 from __future__ import annotations

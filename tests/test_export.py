@@ -68,6 +68,28 @@ def test_one_profile_of_several(tmp_path: Path) -> None:
     export_ema(tmp_path / "single.pt", tmp_path / "s.safetensors", profile="ema_5ba")
 
 
+def test_bema_and_uniform_export_their_evaluated_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, profiles=[{"name": "bema", "ema_power": 0.5}, {"uniform": True}])
+    for _ in range(4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.step(model)
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    bema = ema.controller.profile("bema").weights
+    assert bema is not None
+    running = bema.extra["ema"]["weight"]
+    for profile in ("bema", "uniform"):
+        out = tmp_path / f"{profile}.safetensors"
+        assert main(["export", str(tmp_path / "ema.pt"), "-o", str(out), "--profile", profile]) == 0
+        exported = load_file(out)
+        for k, v in ema.shadow_of(profile).items():
+            assert torch.equal(exported[k], v), (profile, k)
+    # BEMA's evaluated weights (ema + alpha * (theta - theta0)), not its running EMA
+    assert not torch.equal(load_file(tmp_path / "bema.safetensors")["weight"], running)
+
+
 def test_lightning_checkpoint(tmp_path: Path) -> None:
     from ema_callbacks.lightning import EMACallback
     from tests.lightning.lightning_helpers import fit

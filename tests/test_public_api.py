@@ -14,6 +14,9 @@ import ema_callbacks
 CORE_MODULES = [
     "ema_callbacks.time_strings",
     "ema_callbacks.schedule",
+    "ema_callbacks.averagers",
+    "ema_callbacks.options",
+    "ema_callbacks.state_files",
     "ema_callbacks.weights",
     "ema_callbacks.controller",
     "ema_callbacks.ema",

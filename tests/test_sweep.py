@@ -115,3 +115,68 @@ def test_module_entry_point(tmp_path: Path) -> None:
     )
     assert "| 3ba |" in out.stdout and f"plot: {png}" in out.stdout
     _assert_png(png)
+
+
+# -- ema-callbacks averages: EMA, BEMA and uniform against training time ---------------------
+
+
+def test_averages_over_time_are_the_averages_of_one_run(tmp_path: Path) -> None:
+    from ema_callbacks import EMA
+    from ema_callbacks.examples import digits_datasets, digits_mlp
+    from ema_callbacks.examples.sweep import (
+        SWEEP_BATCH_SIZE,
+        SWEEP_HIDDEN,
+        SWEEP_LR,
+        SWEEP_MOMENTUM,
+        averages_over_time,
+        format_averages_table,
+        plot_averages,
+    )
+
+    result = averages_over_time(steps=60, every=20, half_life=8)
+    assert result.steps == [20, 40, 60]
+    assert list(result.accuracy) == ["training", "ema", "bema", "uniform"]
+    # the uniform average starts half-way: nothing to evaluate before
+    assert torch.isnan(torch.tensor(result.accuracy["uniform"][0]))
+    assert all(0.0 < a <= 1.0 for a in result.accuracy["bema"])
+    assert averages_over_time(steps=60, every=20, half_life=8).accuracy == result.accuracy
+
+    # the same run by hand, BEMA alone: its accuracy at the end is the one reported
+    torch.manual_seed(0)
+    train, val = digits_datasets(0)
+    (x, y), (xv, yv) = train.tensors, val.tensors
+    model = digits_mlp(hidden=SWEEP_HIDDEN)
+    opt = torch.optim.SGD(model.parameters(), lr=SWEEP_LR, momentum=SWEEP_MOMENTUM)
+    bema = EMA(model, ema_power=0.5, bias_power=0.2, lag=10)
+    order = torch.Generator().manual_seed(0)
+    perm, pos = torch.randperm(len(x), generator=order), 0
+    for _ in range(60):
+        if pos + SWEEP_BATCH_SIZE > len(x):
+            perm, pos = torch.randperm(len(x), generator=order), 0
+        index = perm[pos : pos + SWEEP_BATCH_SIZE]
+        pos += SWEEP_BATCH_SIZE
+        loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bema.step(model)
+    with bema.swapped(model), torch.no_grad():
+        model.eval()
+        accuracy = float((model(xv).argmax(1) == yv).float().mean())
+    assert result.final("bema") == pytest.approx(accuracy, abs=1e-9)
+
+    assert format_averages_table(result).splitlines()[0] == (
+        "| step | training | ema | bema | uniform |"
+    )
+    if plot_averages(result, tmp_path / "a.png"):
+        _assert_png(tmp_path / "a.png")
+
+
+def test_cli_averages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "averages.png"
+    assert main(["averages", "--steps", "40", "--every", "20", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("training", "ema", "bema", "uniform"):
+        assert f"final_{name}: " in printed
+    assert main(["averages", "--every", "0"]) == 2
+    assert "--every" in capsys.readouterr().err

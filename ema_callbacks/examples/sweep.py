@@ -26,6 +26,7 @@ remember the early, poor weights, so the curve has a visible optimum.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 import warnings
@@ -40,15 +41,19 @@ from torch import nn
 from ema_callbacks.examples import ProgressFn, digits_datasets, digits_mlp, evaluate_logits
 
 __all__ = [
+    "AveragesResult",
     "DEFAULT_HALF_LIVES",
     "SWEEP_BATCH_SIZE",
     "SWEEP_LR",
     "SWEEP_MOMENTUM",
     "SweepPoint",
     "SweepResult",
+    "averages_over_time",
     "default_grid",
+    "format_averages_table",
     "format_sweep_table",
     "half_life_sweep",
+    "plot_averages",
     "plot_sweep",
 ]
 
@@ -506,6 +511,169 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str | None = None) 
     )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA, BEMA and uniform against training time
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AveragesResult:
+    """What :func:`averages_over_time` measured: at each evaluated ``step``, the validation
+    accuracy of the training weights (``'training'``) and of every average, by its name (NaN
+    before an average has started).
+
+    >>> r = AveragesResult(steps=[10, 20], accuracy={'training': [0.5, 0.6], 'bema': [0.55, 0.7]})
+    >>> r.final('bema')
+    0.7
+    """
+
+    steps: list[int] = field(default_factory=list)
+    accuracy: dict[str, list[float]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def final(self, name: str) -> float:
+        """The accuracy of ``name`` at the last evaluated step."""
+        return self.accuracy[name][-1]
+
+
+def averages_over_time(
+    steps: int = 1000,
+    every: int = 25,
+    half_life: int = 125,
+    uniform_start: int | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> AveragesResult:
+    """Train the sweep's model once with three averages tracked together: an EMA
+    (``half_life`` steps), BEMA (TRL's defaults, updated every step) and the uniform average of
+    SWA from ``uniform_start`` (default half-way); evaluate the training weights and each
+    average on the validation split every ``every`` steps (each swapped in, O(1)).
+
+    >>> r = averages_over_time(steps=40, every=20, half_life=8)
+    >>> r.steps, sorted(r.accuracy)
+    ([20, 40], ['bema', 'ema', 'training', 'uniform'])
+    """
+    from ema_callbacks.ema import EMA
+
+    if every < 1 or steps < every:
+        raise ValueError(f"every must be between 1 and steps; got every={every}, steps={steps}")
+    start = steps // 2 if uniform_start is None else uniform_start
+    torch.manual_seed(seed)
+    train, val = digits_datasets(seed)
+    x, y = train.tensors
+    xv, yv = val.tensors
+    model = digits_mlp(hidden=SWEEP_HIDDEN)
+    optimizer = torch.optim.SGD(model.parameters(), lr=SWEEP_LR, momentum=SWEEP_MOMENTUM)
+    averages = EMA(
+        model,
+        profiles=[
+            {"name": "ema", "half_life": f"{half_life}ba"},
+            {"name": "bema", "ema_power": 0.5, "bias_power": 0.2, "lag": 10},
+            {"name": "uniform", "uniform": True, "start": f"{start}ba"},
+        ],
+    )
+    result = AveragesResult(
+        accuracy={n: [] for n in ("training", *averages.profiles)},
+        labels={
+            "training": "training weights",
+            "ema": f"EMA, half-life {half_life} steps",
+            "bema": "BEMA (ema_power 0.5, bias_power 0.2, lag 10)",
+            "uniform": f"uniform (SWA) from step {start}",
+        },
+    )
+    order = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(len(x), generator=order), 0
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        if pos + SWEEP_BATCH_SIZE > len(x):
+            perm, pos = torch.randperm(len(x), generator=order), 0
+        index = perm[pos : pos + SWEEP_BATCH_SIZE]
+        pos += SWEEP_BATCH_SIZE
+        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        averages.step(model)
+        if step % every == 0:
+            result.steps.append(step)
+            result.accuracy["training"].append(_evaluate(model, xv, yv)[0])
+            for name in averages.profiles:
+                if not averages.controller.profile(name).started:  # uniform before its start
+                    result.accuracy[name].append(math.nan)
+                    continue
+                with averages.swapped(model, profile=name):
+                    result.accuracy[name].append(_evaluate(model, xv, yv)[0])
+        if progress is not None:
+            progress(step, steps)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def format_averages_table(result: AveragesResult, rows: int = 10) -> str:
+    """A markdown table of the accuracies at about ``rows`` evenly spaced evaluated steps
+    (the last one included).
+
+    >>> r = AveragesResult(steps=[10, 20], accuracy={'training': [0.5, 0.6], 'ema': [0.55, 0.7]})
+    >>> print(format_averages_table(r))
+    | step | training | ema |
+    |---:|---:|---:|
+    | 10 | 0.5000 | 0.5500 |
+    | 20 | 0.6000 | 0.7000 |
+    """
+    names = list(result.accuracy)
+    stride = max(1, len(result.steps) // rows)
+    picked = sorted({*range(len(result.steps) - 1, -1, -stride)})
+    lines = ["| step | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for i in picked:
+        values = " | ".join(
+            "-" if math.isnan(result.accuracy[n][i]) else f"{result.accuracy[n][i]:.4f}"
+            for n in names
+        )
+        lines.append(f"| {result.steps[i]} | {values} |")
+    return "\n".join(lines)
+
+
+def plot_averages(result: AveragesResult, path: str | Path) -> bool:
+    """Plot validation accuracy against optimizer steps for the training weights and every
+    average; returns False (and writes nothing) without matplotlib.
+
+    >>> import tempfile, os
+    >>> r = AveragesResult(steps=[10, 20], accuracy={'training': [0.5, 0.6], 'ema': [0.55, 0.7]})
+    >>> path = os.path.join(tempfile.mkdtemp(), 'averages.png')
+    >>> plot_averages(r, path) == os.path.isfile(path)
+    True
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    for name, values in result.accuracy.items():
+        style = {"color": "0.5", "linewidth": 0.8} if name == "training" else {"linewidth": 1.8}
+        ax.plot(result.steps, values, label=result.labels.get(name, name), **style)
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("validation accuracy")
+    late = [
+        a
+        for values in result.accuracy.values()
+        for step, a in zip(result.steps, values, strict=True)
+        if step >= result.steps[-1] / 5 and not math.isnan(a)
+    ]
+    ax.set_ylim(min(late) - 0.02, min(1.0, max(late) + 0.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Digits MLP, one run: EMA, BEMA and uniform averages of the same weights")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

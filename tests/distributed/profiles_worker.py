@@ -1,5 +1,5 @@
-"""Run under ``torchrun --nproc_per_node=2``: several EMAs (three profiles, one fused update)
-of a DDP model and of an FSDP2-sharded model.
+"""Run under ``torchrun --nproc_per_node=2``: several averages (three EMA profiles, BEMA and
+uniform, one fused update) of a DDP model and of an FSDP2-sharded model.
 
 Each rank trains its half of every global batch; every rank also trains an unsharded replica on
 the whole global batch with the same three EMAs, as the reference. Counts the collectives the
@@ -28,6 +28,8 @@ PROFILES: list[dict[str, Any]] = [
     {"half_life": "4ba"},
     {"half_life": "8ba", "update_interval": "2ba"},
     {"sigma_rel": 0.1},
+    {"name": "bema", "ema_power": 0.5, "lag": 2},  # BEMA: extra buffers, sharded like the EMA
+    {"name": "swa", "uniform": True, "start": "3ba"},
 ]
 
 
@@ -103,6 +105,14 @@ def run(kind: str, rank: int, world: int) -> dict[str, Any]:
             if part.shape != want.shape:  # FSDP2: this rank's dim-0 chunk (torch.chunk)
                 want = torch.chunk(want, world, dim=0)[rank]
             worst = max(worst, float((part - want).abs().max()) if part.numel() else 0.0)
+        # the extra buffers (BEMA's running EMA and theta0) are this rank's shards too
+        for buffer, tensors in weights.extra_state_dict().items():
+            for k, local in tensors.items():
+                part = local.to_local() if hasattr(local, "to_local") else local
+                want = ref_weights.extra[buffer][k]
+                if part.shape != want.shape:
+                    want = torch.chunk(want, world, dim=0)[rank]
+                worst = max(worst, float((part - want).abs().max()) if part.numel() else 0.0)
         shard_diff[name] = worst
         nbytes[name] = [weights.nbytes, ref_weights.nbytes]
     return {

@@ -1,4 +1,4 @@
-"""Several EMAs (three profiles in one fused update) under DDP and FSDP2 on 2 CPU processes
+"""Several averages (three EMA profiles, BEMA and uniform, in one fused update) under DDP and FSDP2 on 2 CPU processes
 (torchrun, gloo): every profile's EMA, on each rank's shards and gathered, equals a
 single-process run's; updates and evaluation swaps of every profile make no collective call."""
 
@@ -27,8 +27,14 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_every_profile_equals_a_single_process_run(results: list[dict], kind: str) -> None:
     for r in results:
         got = r[kind]
-        assert got["profiles"] == ["ema_4ba", "ema_8ba", "ema_sigma_rel0.1"]
-        assert got["num_updates"] == {"ema_4ba": 9, "ema_8ba": 4, "ema_sigma_rel0.1": 9}
+        assert got["profiles"] == ["ema_4ba", "ema_8ba", "ema_sigma_rel0.1", "bema", "swa"]
+        assert got["num_updates"] == {
+            "ema_4ba": 9,
+            "ema_8ba": 4,
+            "ema_sigma_rel0.1": 9,
+            "bema": 9,
+            "swa": 7,  # steps 3..10: the copy at 3, then 7 updates
+        }
         for name in got["profiles"]:
             assert got["ema_diff"][name] < 1e-6, name  # gathered whole
             assert got["shard_diff"][name] < 1e-6, name  # this rank's own shard
