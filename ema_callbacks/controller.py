@@ -56,7 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ema_callbacks.averagers import BEMA
+from ema_callbacks import _state
+from ema_callbacks._state import _SCHEDULE_KEYS, STATE_FORMAT, STATE_VERSION
 from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update
 from ema_callbacks.time_strings import Time, TimeUnit
 from ema_callbacks.weights import (
@@ -76,22 +77,7 @@ __all__ = [
     "profile_name",
 ]
 
-STATE_FORMAT = "ema_callbacks"
-STATE_VERSION = 1
 FINAL_WEIGHTS = ("ema", "training")
-_SCHEDULE_KEYS = (
-    "half_life",
-    "smoothing",
-    "sigma_rel",
-    *BEMA.options,
-    "uniform",
-    "update_interval",
-    "start",
-    "warmup",
-    "warmup_gamma",
-    "warmup_power",
-    "rampup_ratio",
-)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -115,34 +101,6 @@ def _snapshot_folder_option(
             "post-hoc EMA snapshots, e.g. snapshot_every='1000ba')"
         )
     return folder
-
-
-def _state_mapping(state: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    """``state[key]``, a mapping (absent or None: empty), or a ``ValueError`` naming it."""
-    value = state.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError(f"the EMA state's {key!r} must be a mapping; got {value!r}")
-    return value
-
-
-def _tensors(state: Mapping[str, Any], key: str, where: str) -> dict[str, torch.Tensor]:
-    """``state[key]`` as ``{name: tensor}``, or a ``ValueError`` naming ``where + key``."""
-    value = state.get(key)
-    if value is None and key == "shadow":
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError(
-            f"the EMA state's '{where}{key}' must map weight names to tensors; got {value!r}"
-        )
-    for name, tensor in value.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise ValueError(
-                f"the EMA state's '{where}{key}' must map weight names to tensors; got "
-                f"{name!r}: {type(tensor).__name__}"
-            )
-    return dict(value)
 
 
 def _check_device(device: object) -> None:
@@ -276,6 +234,12 @@ class EMAController:
             training batches before it is evaluated and at the end of training (the adapters
             call :meth:`update_bn`); needs ``buffers='average'`` or ``'copy'``.
     """
+
+    # Over 300 lines on purpose: this is the one object every adapter talks to (events, the
+    # evaluation plan via activate/ema_weights, snapshots, state), so each trainer needs only
+    # its clock and hook map. What it delegates: the averaging rule (averagers), the schedule
+    # (schedule), the tensors (weights, _update), the serialization (_state), the option table
+    # (options). Most of its length is validation messages and docstrings with examples.
 
     def __init__(
         self,
@@ -1094,27 +1058,6 @@ class EMAController:
             out["snapshot_every"] = str(self.snapshot_schedule.update_interval)
         return out
 
-    @staticmethod
-    def _shadow_of(p: EMAProfile) -> dict[str, torch.Tensor]:
-        if p.weights is not None:
-            return {k: v.detach().clone() for k, v in p.weights.state_dict().items()}
-        return dict(p.pending or {})
-
-    @staticmethod
-    def _extra_of(p: EMAProfile) -> dict[str, dict[str, torch.Tensor]]:
-        if p.weights is not None:
-            return {
-                b: {k: v.detach().clone() for k, v in tensors.items()}
-                for b, tensors in p.weights.extra_state_dict().items()
-            }
-        return {b: dict(t) for b, t in (p.pending_extra or {}).items()}
-
-    def _profile_state(self, p: EMAProfile) -> dict[str, Any]:
-        out: dict[str, Any] = {"schedule": p.state.to_dict(), "shadow": self._shadow_of(p)}
-        if p.schedule.averager.buffers:
-            out["buffers"] = self._extra_of(p)
-        return out
-
     def state_dict(self, training: bool | None = None) -> dict[str, Any]:
         """Versioned and name-keyed: ``{format, version, config, schedule, shadow,
         weights_active}`` for the primary profile, ``profiles`` (``{name: {schedule, shadow}}``)
@@ -1127,31 +1070,7 @@ class EMAController:
 
         Tensors are clones, so the result is safe to keep while training goes on.
         """
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "config": self.config(),
-            **self._profile_state(self.primary),
-            "weights_active": self.weights_active,
-        }
-        if len(self.profiles) > 1:
-            state["profiles"] = {p.name: self._profile_state(p) for p in self.profiles[1:]}
-        if self.snapshot_schedule is not None:
-            state["snapshot"] = self.snapshot_state.to_dict()
-            state["snapshot_run"] = self.snapshot_run
-        aliases = self.aliases
-        if aliases:
-            state["aliases"] = aliases
-        if training is None:
-            training = self.weights_active == "ema"
-        if training and self.weights is not None:
-            # The training weights, wherever they are (in the model, or held aside by the
-            # profile swapped in).
-            source = self.profile(self.active_profile).weights or self.weights
-            state["training"] = {
-                k: v.detach().clone() for k, v in source.training_state_dict().items()
-            }
-        return state
+        return _state.state_dict(self, training)
 
     def reset(self) -> None:
         """Forget the schedules' progress and any state waiting to be applied (a new run);
@@ -1186,54 +1105,6 @@ class EMAController:
             loaded["training"] = dict(training)
         self.load_state_dict(loaded)
 
-    def _schedule_changes(self, saved: Mapping[str, Any]) -> list[str]:
-        """``'option: saved -> now'`` for every schedule option of a saved ``config`` (from
-        :meth:`config`) that differs from this controller's, per profile."""
-        mine = {p.name: p.schedule.config() for p in self.profiles}
-        theirs: dict[str, Any] = {}
-        if isinstance(saved.get("schedule"), Mapping):
-            theirs[self.primary.name] = saved["schedule"]
-        for item in saved.get("profiles") or []:
-            if isinstance(item, Mapping) and item.get("name") in mine:
-                theirs.setdefault(str(item["name"]), item)
-        changes = []
-        for name, config in theirs.items():
-            for key in _SCHEDULE_KEYS:
-                now = mine[name].get(key)
-                if key in config and config[key] != now:
-                    where = "" if len(self.profiles) == 1 else f"{name}."
-                    changes.append(f"{where}{key}: saved {config[key]!r}, now {now!r}")
-        return changes
-
-    @staticmethod
-    def _saved_extra(
-        p: EMAProfile, saved: Mapping[str, Any], where: str
-    ) -> dict[str, dict[str, torch.Tensor]] | None:
-        """The extra buffers a profile's saved state holds, checked against its averager: a
-        started average that keeps buffers (BEMA) cannot resume without them."""
-        wanted = p.schedule.averager.buffers
-        raw = saved.get("buffers")
-        if not wanted:
-            if raw:
-                raise ValueError(
-                    f"the EMA state's '{where}buffers' holds {sorted(raw)}, kept by another "
-                    f"average than this one ({p.schedule.describe()}); load it with the options "
-                    "it was saved with"
-                )
-            return None
-        if raw is None:
-            started = bool((saved.get("schedule") or {}).get("started"))
-            if started and saved.get("shadow"):
-                raise ValueError(
-                    f"the EMA state{' of ' + repr(p.name) if where else ''} has no "
-                    f"{', '.join(wanted)} buffers, which {p.schedule.describe()} keeps: it was "
-                    "saved by another average; load it with the options it was saved with"
-                )
-            return None
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"the EMA state's '{where}buffers' must be a mapping; got {raw!r}")
-        return {str(b): _tensors(raw, b, f"{where}buffers.") for b in raw}
-
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Before the shadows exist the tensors are kept and
         applied at ``fit_start``/``setup``; names are checked then. The saved profiles must be
@@ -1253,98 +1124,4 @@ class EMAController:
         >>> print(caught[0].message)  # doctest: +ELLIPSIS
         the EMA state being loaded was saved with another schedule (half_life: saved '10ba', now '20ba'): ...
         """
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                "not an ema_callbacks EMA state (expected a mapping with format="
-                f"{STATE_FORMAT!r}); got keys {sorted(state)[:8] if isinstance(state, Mapping) else type(state).__name__}"
-            )
-        version = state.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ValueError(f"the EMA state's 'version' must be an integer; got {version!r}")
-        if version > STATE_VERSION:
-            raise ValueError(
-                f"EMA state version {version} is newer than this ema_callbacks understands "
-                f"({STATE_VERSION}); upgrade ema-callbacks"
-            )
-        extra = dict(_state_mapping(state, "profiles"))
-        for name, saved in extra.items():
-            if not isinstance(saved, Mapping):
-                raise ValueError(
-                    f"the EMA state's 'profiles.{name}' must be a mapping; got {saved!r}"
-                )
-        ours = set(self.names[1:])
-        if extra or len(self.profiles) > 1:
-            missing, unexpected = sorted(ours - set(extra)), sorted(set(extra) - ours)
-            if extra and (missing or unexpected):
-                raise ValueError(
-                    f"the saved EMA profiles {sorted(extra)} (besides the primary) are not this "
-                    f"callback's {sorted(ours)}: missing {missing}, unexpected {unexpected}"
-                )
-        # Everything is read and checked before anything changes.
-        items: list[
-            tuple[EMAProfile, ScheduleState, dict[str, torch.Tensor], dict[str, Any] | None]
-        ] = []
-        for p, saved, where in [(self.primary, state, "")] + [
-            (self.profile(name), extra[name], f"profiles.{name}.")
-            for name in self.names[1:]
-            if name in extra
-        ]:
-            schedule_state = ScheduleState.from_dict(
-                saved.get("schedule", {}), where=f"{where}schedule"
-            )
-            shadow = _tensors(saved, "shadow", where)
-            items.append((p, schedule_state, shadow, self._saved_extra(p, saved, where)))
-        training = _tensors(state, "training", "") if state.get("training") is not None else None
-        snapshot = ScheduleState.from_dict(state.get("snapshot") or {}, where="snapshot")
-        aliases = _state_mapping(state, "aliases")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
-            raise ValueError(f"the EMA state's 'aliases' must map names to names; got {aliases!r}")
-        changes = self._schedule_changes(_state_mapping(state, "config"))
-        if changes:
-            warnings.warn(
-                "the EMA state being loaded was saved with another schedule ("
-                + "; ".join(changes)
-                + "): its EMA weights and progress carry on under this EMA's options, the "
-                "constructor's, not the saved ones",
-                UserWarning,
-                stacklevel=2,
-            )
-        if len(self.profiles) > 1 and not extra:
-            warnings.warn(
-                f"the saved EMA state holds one EMA; it becomes {self.primary.name!r} and the "
-                f"profiles {sorted(ours)} start afresh",
-                UserWarning,
-                stacklevel=2,
-            )
-        self._loaded_aliases = dict(aliases)
-        was = self.active_profile
-        self._swap_out_all()
-        for p, schedule_state, shadow, extra_tensors in items:
-            p.state = schedule_state
-            if p.weights is not None:
-                p.weights.load_state_dict(shadow)
-                if extra_tensors is not None:
-                    p.weights.load_extra_state_dict(extra_tensors)
-            else:
-                # A state saved before the shadow existed has no tensors: nothing to apply.
-                p.pending = shadow or None
-                p.pending_extra = extra_tensors if shadow else None
-        if not extra:
-            for p in self.profiles[1:]:
-                p.state = ScheduleState()
-                p.pending = None
-        self.snapshot_state = snapshot
-        run = state.get("snapshot_run")
-        if self.snapshot_schedule is not None and isinstance(run, str) and run:
-            self.snapshot_run = run  # the same run, resumed
-            self._snapshot_folders_checked.clear()
-        if self.weights is not None:
-            if training is not None:
-                # The model slot of this checkpoint held EMA weights: put training weights back.
-                self.weights.load_training_(training)
-            elif was is not None:
-                restored = self.profile(was).weights
-                assert restored is not None
-                restored.swap_in()
-        else:
-            self._pending_training = None if training is None else dict(training)
+        _state.load_state_dict(self, state)

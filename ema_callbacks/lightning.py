@@ -344,6 +344,9 @@ class EMACallback(_CallbackBase):
     ValueError: half_life='2000tok' (EMA profile 'ema_2000tok') counts tokens, which Lightning does not count: pass tokens_fn='my_package.data.count_tokens' (a function batch -> number of tokens)
     """
 
+    # Over 300 lines: one method per Lightning hook it uses (the hook map of docs/lightning.md),
+    # plus the per-profile metric copies; the EMA logic itself is the controller's.
+
     def __init__(
         self,
         half_life: str | float | list[str | float] | None = None,

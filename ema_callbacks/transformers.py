@@ -462,6 +462,9 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     >>> trainer.save_model('ema-model')                               # doctest: +SKIP
     """
 
+    # Over 300 lines: one method per Trainer event, the checkpoint files, resume and the
+    # several-profile evaluation (docs/transformers.md); the EMA logic is the controller's.
+
     def __init__(
         self,
         half_life: str | float | list[str | float] | None = None,

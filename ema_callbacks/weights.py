@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ema_callbacks._update import lerp_, update_together_
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -216,51 +217,6 @@ def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-@torch.no_grad()
-def lerp_(shadow: Sequence[torch.Tensor], source: Sequence[torch.Tensor], weight: float) -> None:
-    """``shadow[i] += weight * (source[i] - shadow[i])`` for same-device, same-dtype lists.
-
-    One fused multi-tensor call; ``weight == 1`` copies.
-
-    >>> s, p = [torch.zeros(3)], [torch.ones(3)]
-    >>> lerp_(s, p, 0.25); s[0].tolist()
-    [0.25, 0.25, 0.25]
-    """
-    if not shadow:
-        return
-    if weight == 1.0:
-        torch._foreach_copy_(list(shadow), list(source))
-    elif weight != 0.0:
-        torch._foreach_lerp_(list(shadow), list(source), weight)
-
-
-def _blend_(
-    targets: Sequence[tuple[list[torch.Tensor], float]], sources: list[torch.Tensor]
-) -> None:
-    """For every target ``(shadows, weight)`` (``shadows`` aligned with ``sources``):
-    ``shadows += weight * (sources - shadows)``, weight 1 copying and 0 skipping. One
-    ``_foreach_copy_`` for the copies and one ``_foreach_lerp_`` for the rest, with a weight per
-    tensor (a scalar when they are all equal): each source is read once per fused call for every
-    target."""
-    copies: list[torch.Tensor] = []
-    lerps: list[torch.Tensor] = []
-    weights: list[tuple[float, int]] = []  # (weight, tensors) per lerping target
-    for shadows, w in targets:
-        if w == 1.0:
-            copies.extend(shadows)
-        elif w != 0.0:
-            lerps.extend(shadows)
-            weights.append((w, len(shadows)))
-    if copies:
-        torch._foreach_copy_(copies, sources * (len(copies) // len(sources)))
-    if lerps:
-        xs = sources * (len(lerps) // len(sources))
-        if all(w == weights[0][0] for w, _ in weights):  # per target, not per tensor
-            torch._foreach_lerp_(lerps, xs, weights[0][0])
-        else:
-            torch._foreach_lerp_(lerps, xs, [w for w, n in weights for _ in range(n)])
-
-
 @dataclass
 class _Entry:
     name: str  # normalised name (the shadow key)
@@ -357,6 +313,11 @@ class EMAWeights:
     >>> w.nbytes
     24
     """
+
+    # Over 300 lines on purpose: selection, binding, swap, view and state all work on the same
+    # prepared groups of tensors (built once in bind), which is what makes the update one fused
+    # call and the swap O(1); splitting them would mean passing those groups around. The
+    # update maths live in _update (functions the fused step can call).
 
     def __init__(
         self,
@@ -768,25 +729,6 @@ class EMAWeights:
 
     # -- update ---------------------------------------------------------------------------
 
-    def _all_finite(self) -> bool:
-        """Whether every averaged source tensor is finite.
-
-        One fused 2-norm per group, accumulated in float32 (float64 for float64 weights; NaN
-        and Inf propagate into it; an fp16 norm could overflow, a float32 one only for weights
-        above ~1e16), then one host read per device and norm dtype: the price of the guard is one extra read of the weights.
-        ``ord=inf`` would be exact for huge values too, but is ~30x slower on CPU.
-        """
-        per_device: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
-        for group in (*self._groups, *self._mixed):
-            srcs = [s for s in group.sources() if s.numel() > 0 and s.is_floating_point()]
-            # float64 weights get a float64 norm (a float32 one would narrow them).
-            for wide in (False, True):
-                part = [s for s in srcs if (s.dtype == torch.float64) is wide]
-                if part:
-                    norms = torch._foreach_norm(part, 2, dtype=None if wide else torch.float32)
-                    per_device.setdefault((part[0].device, wide), []).extend(norms)
-        return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in per_device.values())
-
     @torch.no_grad()
     def update_(self, weight: float, model: nn.Module | None = None) -> bool:
         """``ema += weight * (model - ema)`` for averaged tensors; copied tensors take the
@@ -833,116 +775,6 @@ class EMAWeights:
             buf = torch.empty(self._scratch_numel, device=device, dtype=dtype, pin_memory=pin)
             self._scratch[key] = buf
         return buf
-
-    def _mixed_lerp_(
-        self,
-        sources: list[torch.Tensor],
-        targets: list[tuple[list[torch.Tensor], float]],
-        group: _Group | None = None,
-    ) -> None:
-        """Shadows and sources differ in dtype or device: stage the sources through a bounded
-        scratch in the shadows' dtype and device, then one foreach call per batch for every
-        target ``(shadows, weight)`` together (several EMAs read each staged batch once).
-
-        With ``group`` (whose sources are cached at bind), the batches are planned once and
-        kept on it: contiguous ranges of tensors and their views into the scratch."""
-        targets = [(shadows, w) for shadows, w in targets if w != 0.0]
-        if not targets:
-            return
-        first = targets[0][0][0]
-        # Offload (CUDA weights, CPU shadow): stage through pinned memory with non-blocking
-        # copies, and wait for each batch's copies before the CPU reads them.
-        offload = first.device.type == "cpu" and sources[0].device.type == "cuda"
-        scratch = self._scratch_for(first.device, first.dtype, pin=offload)
-
-        def arrived() -> None:
-            if offload:
-                torch.cuda.current_stream(sources[0].device).synchronize()
-
-        if group is not None and group.aliases is sources:
-            if group.plan is None:
-                group.plan = self._plan_batches(sources, targets[0][0], scratch)
-            if group.plan:
-                for a, b, staged in group.plan:
-                    torch._foreach_copy_(staged, sources[a:b], non_blocking=True)
-                    arrived()
-                    _blend_([(sh[a:b], w) for sh, w in targets], staged)
-                return
-
-        def apply(index: list[int], staged: list[torch.Tensor], part: slice | None) -> None:
-            chosen = [
-                ([sh[i] if part is None else sh[i].view(-1)[part] for i in index], w)
-                for sh, w in targets
-            ]
-            _blend_(chosen, staged)
-
-        cap = scratch.numel()
-        batch_i: list[int] = []
-        batch_p: list[torch.Tensor] = []
-        batch_x: list[torch.Tensor] = []
-        used = 0
-
-        def flush() -> None:
-            nonlocal used
-            if batch_i:
-                torch._foreach_copy_(batch_x, batch_p, non_blocking=True)
-                arrived()
-                apply(batch_i, batch_x, None)
-                batch_i.clear()
-                batch_p.clear()
-                batch_x.clear()
-            used = 0
-
-        for i, src in enumerate(sources):
-            sh = targets[0][0][i]
-            n = sh.numel()
-            if n == 0:
-                continue
-            contiguous = src.is_contiguous() and all(t[0][i].is_contiguous() for t in targets)
-            if n > cap or not contiguous:
-                flush()
-                if not contiguous:  # rare: through a temporary of this tensor only
-                    x = src.to(sh.dtype)
-                    apply([i], [x], None)
-                    continue
-                flat_p = src.reshape(-1)
-                for j in range(0, n, cap):
-                    m = min(cap, n - j)
-                    x = scratch[:m]
-                    x.copy_(flat_p[j : j + m], non_blocking=True)
-                    arrived()
-                    apply([i], [x], slice(j, j + m))
-                continue
-            if used + n > cap:
-                flush()
-            batch_i.append(i)
-            batch_p.append(src)
-            batch_x.append(scratch[used : used + n].view(sh.shape))
-            used += n
-        flush()
-
-    @staticmethod
-    def _plan_batches(
-        sources: list[torch.Tensor], shadows: list[torch.Tensor], scratch: torch.Tensor
-    ) -> list[tuple[int, int, list[torch.Tensor]]]:
-        """Consecutive ranges ``[a, b)`` of tensors that fit the scratch together, with their
-        staging views; empty (use the general path) unless every tensor is non-empty,
-        contiguous and fits the scratch alone."""
-        cap = scratch.numel()
-        plan: list[tuple[int, int, list[torch.Tensor]]] = []
-        start, used, views = 0, 0, []  # type: ignore[var-annotated]
-        for i, (src, sh) in enumerate(zip(sources, shadows, strict=True)):
-            n = sh.numel()
-            if n == 0 or n > cap or not (src.is_contiguous() and sh.is_contiguous()):
-                return []
-            if used + n > cap:
-                plan.append((start, i, views))
-                start, used, views = i, 0, []
-            views.append(scratch[used : used + n].view(sh.shape))
-            used += n
-        if views:
-            plan.append((start, len(sources), views))
-        return plan
 
     # -- swap -----------------------------------------------------------------------------
 
@@ -1382,88 +1214,3 @@ def expand_aliases(
         if name in tensors and alias not in out:
             out[alias] = tensors[name]
     return out
-
-
-@torch.no_grad()
-def update_together_(
-    weights: Sequence[EMAWeights], factors: Sequence[float], model: nn.Module | None = None
-) -> bool:
-    """Update several EMAs of the same model in the same multi-tensor calls.
-
-    ``weights[k] += factors[k] * (model - weights[k])`` for every averaged tensor (``1``
-    copies, ``0`` leaves that EMA alone); copied tensors take the model's value. Each source
-    tensor is read once per fused call for all the EMAs: one ``_foreach_lerp_`` with a weight
-    per tensor over every shadow of a (device, dtype) group, and for float32 shadows of
-    bf16/fp16 weights one staging of each batch for all of them. The EMAs must have been built
-    with the same options on the same model (the same tensors in the same groups). Returns
-    False if the non-finite guard (the first EMA's policy) skipped the update for all.
-
-    >>> model = torch.nn.Linear(2, 2)
-    >>> fast, slow = EMAWeights(model), EMAWeights(model)
-    >>> with torch.no_grad():
-    ...     _ = model.weight.add_(1.0)
-    >>> update_together_([fast, slow], [0.5, 0.1])
-    True
-    >>> round(float((fast.shadow['weight'] - slow.shadow['weight']).mean()), 4)
-    0.4
-    """
-    weights = list(weights)
-    factors = [float(f) for f in factors]
-    if len(weights) != len(factors):
-        raise ValueError(
-            f"factors must give one weight per EMA; got {len(factors)} for {len(weights)} EMAs"
-        )
-    if not weights:
-        return True
-    for w, f in zip(weights, factors, strict=True):
-        if not isinstance(w, EMAWeights):
-            raise TypeError(f"weights must hold EMAWeights; got {type(w).__name__}")
-        if w._swapped:
-            raise RuntimeError(
-                "the EMA weights are swapped into the model: swap them out before updating"
-            )
-        if not 0.0 <= f <= 1.0 or math.isnan(f):
-            raise ValueError(f"weight must be between 0 and 1; got {f!r}")
-    lead = weights[0]
-    for w in weights:
-        w._check_bound(model if model is not None else lead._bound)
-    # Replaced or resized tensors: followed (re-bound) or refused naming the weight. The EMAs
-    # share the lead's source tensors, so the others need a look only if something changed.
-    rebound = lead._check_live()
-    for w in weights[1:]:
-        if rebound or w._generation != _GENERATION[0]:
-            w._check_live()
-        if w._layout != lead._layout:
-            raise ValueError(
-                "EMAs updated together must track the same tensors with the same options "
-                "(include, exclude, trainable_only, buffers, dtype, device)"
-            )
-    if lead.nonfinite != "ignore" and max(factors) > 0.0 and not lead._all_finite():
-        if lead.nonfinite == "error":
-            raise NonFiniteWeightsError("the model's weights hold NaN or Inf; EMA update refused")
-        return False
-    for w in weights[1:]:
-        w.synchronize()
-    side = lead._side_stream_for_update()
-    with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
-        for gi, group in enumerate(lead._groups):
-            _blend_(
-                [(w._groups[gi].targets, f) for w, f in zip(weights, factors, strict=True)],
-                group.sources(),
-            )
-        for gi, group in enumerate(lead._mixed):
-            lead._mixed_lerp_(
-                group.sources(),
-                [(w._mixed[gi].targets, f) for w, f in zip(weights, factors, strict=True)],
-                group,
-            )
-        for gi, group in enumerate(lead._copies):
-            sources = group.sources()
-            shadows = [sh for w in weights for sh in w._copies[gi].shadows]
-            torch._foreach_copy_(shadows, sources * len(weights))
-    if side is not None:
-        event = (side.device, side.record_event())
-        for w in weights:
-            w._pending_event = event
-            _STREAMED.add(w)
-    return True
