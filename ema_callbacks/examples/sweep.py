@@ -30,7 +30,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,32 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
         model.train(was)
 
 
+def _train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    seed: int,
+) -> Iterator[int]:
+    """The sweep's training: ``steps`` optimizer steps on shuffled batches of
+    ``SWEEP_BATCH_SIZE`` (reshuffled each epoch, the remainder dropped), yielding the step
+    number after each."""
+    order = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(len(x), generator=order), 0
+    model.train()
+    for step in range(1, steps + 1):
+        if pos + SWEEP_BATCH_SIZE > len(x):  # a new epoch: reshuffle, drop the remainder
+            perm, pos = torch.randperm(len(x), generator=order), 0
+        index = perm[pos : pos + SWEEP_BATCH_SIZE]
+        pos += SWEEP_BATCH_SIZE
+        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        yield step
+
+
 def half_life_sweep(
     steps: int = 1000,
     half_lives: Sequence[int] = DEFAULT_HALF_LIVES,
@@ -270,22 +296,9 @@ def _sweep(
     with tempfile.TemporaryDirectory(prefix="ema_sweep_") as scratch:
         folder = Path(scratch if snapshot_folder is None else snapshot_folder)
         folder.mkdir(parents=True, exist_ok=True)
-        order = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(x), generator=order)
-        pos = 0
         written = 0
         started = time.perf_counter()
-        model.train()
-        for step in range(1, steps + 1):
-            if pos + SWEEP_BATCH_SIZE > len(x):  # a new epoch: reshuffle, drop the remainder
-                perm = torch.randperm(len(x), generator=order)
-                pos = 0
-            index = perm[pos : pos + SWEEP_BATCH_SIZE]
-            pos += SWEEP_BATCH_SIZE
-            loss = nn.functional.cross_entropy(model(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for step in _train_steps(model, optimizer, x, y, steps, seed):
             ema.step(model)
             if sigmas and (step % snapshot_every == 0 or step == steps):  # and at the end
                 for s, name in zip(sigmas, sigma_names, strict=True):
@@ -587,19 +600,8 @@ def averages_over_time(
             "uniform": f"uniform (SWA) from step {start}",
         },
     )
-    order = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(len(x), generator=order), 0
     started = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        if pos + SWEEP_BATCH_SIZE > len(x):
-            perm, pos = torch.randperm(len(x), generator=order), 0
-        index = perm[pos : pos + SWEEP_BATCH_SIZE]
-        pos += SWEEP_BATCH_SIZE
-        loss = nn.functional.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for step in _train_steps(model, optimizer, x, y, steps, seed):
         averages.step(model)
         if step % every == 0:
             result.steps.append(step)
