@@ -553,7 +553,9 @@ class EMA(Algorithm):  # type: ignore[misc]
             if back is not None:
                 self._swap_in(model, back)
         elif event in _CHECKPOINT_EVENTS:
-            self._swap_in(model, controller.primary.name)
+            # the checkpoint's model slot: the EMA as it is (a BatchNorm recomputation here
+            # would make the average depend on when checkpoints are written)
+            self._swap_in(model, controller.primary.name, refresh_bn=False)
             self._guard_checkpoint(state)
         elif event == Event.FIT_START:
             self._pinned = None
@@ -592,9 +594,9 @@ class EMA(Algorithm):  # type: ignore[misc]
             )
         return clock
 
-    def _swap_in(self, model: nn.Module, name: str) -> None:
+    def _swap_in(self, model: nn.Module, name: str, refresh_bn: bool = True) -> None:
         """Profile ``name`` in (if it has started), any other profile out."""
-        self.controller.activate(model, name)
+        self.controller.activate(model, name, refresh_bn=refresh_bn)
 
     @staticmethod
     def _bn_source(state: State) -> tuple[Any, Any] | None:

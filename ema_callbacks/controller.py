@@ -829,11 +829,15 @@ class EMAController:
         self._final_swap = False
         self._swap_out_all()
 
-    def activate(self, model: nn.Module | None, profile: str | None) -> None:
+    def activate(
+        self, model: nn.Module | None, profile: str | None, *, refresh_bn: bool = True
+    ) -> None:
         """The weights of ``profile`` in ``model``, every other profile's out; ``None``, or a
         profile that has not started, means the training weights. With
         ``update_bn_batches``, the profile's BatchNorm statistics are recomputed first (when it
-        changed since they last were). The one way the adapters put weights in.
+        changed since they last were; ``refresh_bn=False`` skips that, for swaps that are not
+        evaluations, such as a checkpoint's model slot). The one way the adapters put weights
+        in.
 
         >>> model = torch.nn.Linear(1, 1)
         >>> ctrl = EMAController.create(half_life=['2ba', '20ba'])
@@ -856,7 +860,8 @@ class EMAController:
             assert model is not None
             self.setup(model)
         assert target.weights is not None
-        self.refresh_bn(target, model)
+        if refresh_bn:
+            self.refresh_bn(target, model)
         target.weights.swap_in(model)
 
     def refresh_bn(self, profile: EMAProfile, model: nn.Module | None = None) -> bool:
