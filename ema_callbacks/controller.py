@@ -762,16 +762,9 @@ class EMAController:
         return self._maybe_update(model, clock)
 
     def _maybe_update(self, model: nn.Module, clock: Clock) -> bool:
-        due: list[tuple[EMAProfile, Update]] = []
-        for p in self.profiles:
-            u = p.schedule.due(clock, p.state)
-            if u is not None:
-                due.append((p, u))
+        due = self.prepare_update(model, clock)
         if not due:
             return False
-        if any(p.weights is None for p, _ in due):
-            self.setup(model)
-        self._swap_out_all()
         weights = [p.weights for p, _ in due if p.weights is not None]
         if not update_together_(weights, [u.weight for _, u in due], model):
             for p, _ in due:
@@ -783,6 +776,32 @@ class EMAController:
                 stacklevel=3,
             )
             return False
+        self.finish_update(model, clock, due)
+        return True
+
+    def prepare_update(self, model: nn.Module, clock: Clock) -> list[tuple[EMAProfile, Update]]:
+        """The updates due at ``clock`` (each profile's, in order), with the shadows built and
+        every EMA swapped out so they can be applied; empty when none is due. The tensors are
+        then updated (:func:`~ema_callbacks.weights.update_together_`, or the fused optimizer
+        step) and :meth:`finish_update` records them."""
+        due: list[tuple[EMAProfile, Update]] = []
+        for p in self.profiles:
+            u = p.schedule.due(clock, p.state)
+            if u is not None:
+                due.append((p, u))
+        if not due:
+            return due
+        if any(p.weights is None for p, _ in due):
+            self.setup(model)
+        self._swap_out_all()
+        return due
+
+    def finish_update(
+        self, model: nn.Module, clock: Clock, due: list[tuple[EMAProfile, Update]]
+    ) -> None:
+        """After the tensors of :meth:`prepare_update`'s updates were lerped: the evaluated
+        weights of averages that form them (BEMA), the schedules' progress, and
+        ``train_with_ema_weights``."""
         for p, u in due:
             averager = p.schedule.averager
             if averager.buffers:  # the evaluated weights are formed from the running average
@@ -798,7 +817,6 @@ class EMAController:
         if self.train_with_ema_weights and not update.initialise:
             assert first.weights is not None
             first.weights.copy_to(model)
-        return True
 
     def eval_start(self, model: nn.Module) -> None:
         """The trainer's evaluation begins: the primary EMA in, unless ``eval_all`` (then the

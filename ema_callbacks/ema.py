@@ -285,6 +285,24 @@ class EMA:
         assert weights is not None
         weights.copy_to(self._model(model))
 
+    def fused_step(self, optimizer: torch.optim.Optimizer, *, compile: bool = True) -> Any:
+        """A callable doing ``optimizer.step()`` and this EMA's due update in one compiled
+        function (the EMA then reads the weights while the optimizer writes them); call it
+        instead of ``optimizer.step()`` and :meth:`step`. ``compile=False``: the same, eagerly.
+        See :class:`~ema_callbacks.fused.FusedStep` for its limits.
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ema = EMA(model, half_life='10ba')
+        >>> step = ema.fused_step(opt, compile=False)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> step(), ema.started
+        (True, True)
+        """
+        from ema_callbacks.fused import FusedStep
+
+        return FusedStep(self, optimizer, compile=compile)
+
     def update_bn(
         self,
         loader: Iterable[Any],

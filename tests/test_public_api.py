@@ -17,6 +17,7 @@ CORE_MODULES = [
     "ema_callbacks.averagers",
     "ema_callbacks.options",
     "ema_callbacks.state_files",
+    "ema_callbacks.fused",
     "ema_callbacks.weights",
     "ema_callbacks.controller",
     "ema_callbacks.ema",

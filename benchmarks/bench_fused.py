@@ -1,0 +1,142 @@
+"""The EMA fused into a compiled optimizer step (``EMA.fused_step``) against the separate update,
+in one process and one run.
+
+    .venv/bin/python benchmarks/bench_fused.py --write docs/performance_fused.md
+
+Models: 20 tensors of 1M float32, and 20 bf16 tensors of 1M with a float32 shadow; AdamW
+(``foreach=True``) with gradients set once. Rows, interleaved, each the minimum over
+``--repeats`` of the median of ``--rounds`` calls, each call after a 128 MiB write (cold caches,
+as after a backward pass): eager AdamW; eager AdamW + ``EMA.step``; ``torch.compile``d AdamW
+(PyTorch's recipe); compiled AdamW + ``EMA.step``; ``EMA.fused_step``; and eager AdamW with the
+peers' EMAs where installed (timm ``ModelEmaV3``). The EMA's marginal cost: a row minus its
+optimizer alone; the fused one against the separate update after the compiled optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+DECAY = 0.999
+_FLUSH = torch.empty(32 * 2**20)
+
+
+def make(dtype: torch.dtype) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.params = nn.ParameterList(  # type: ignore[assignment]
+        [nn.Parameter(torch.randn(1_000_000).to(dtype)) for _ in range(20)]
+    )
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+
+def rows(dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
+    from ema_callbacks import EMA
+
+    out: dict[str, Callable[[], Any]] = {}
+    _m1, o1 = make(dtype)
+    out["eager AdamW"] = o1.step
+    m2, o2 = make(dtype)
+    e2 = EMA(m2, smoothing=DECAY)
+    out["eager AdamW + EMA.step"] = lambda: (o2.step(), e2.step(m2))
+    _m3, o3 = make(dtype)
+    compiled3 = torch.compile(o3.step)
+    out["compiled AdamW"] = compiled3
+    m4, o4 = make(dtype)
+    compiled4 = torch.compile(o4.step)
+    e4 = EMA(m4, smoothing=DECAY)
+    out["compiled AdamW + EMA.step"] = lambda: (compiled4(), e4.step(m4))
+    m5, o5 = make(dtype)
+    e5 = EMA(m5, smoothing=DECAY)
+    out["**EMA.fused_step (one compiled function)**"] = e5.fused_step(o5)
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+
+        m6, o6 = make(dtype)
+        kw = {"dtype": torch.float32} if dtype != torch.float32 else {}
+        t6 = ModelEmaV3(m6, decay=DECAY, **kw)
+        out["eager AdamW + timm ModelEmaV3.update"] = lambda: (o6.step(), t6.update(m6))
+    except ImportError:
+        pass
+    return out
+
+
+def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, float]:
+    for fn in fns.values():  # compile, initialise the EMAs and the optimizers' state
+        for _ in range(3):
+            fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                _FLUSH.fill_(1.0)
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        for k, ts in times.items():
+            best[k] = min(best[k], statistics.median(ts) * 1e3)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=11, help="calls per median")
+    parser.add_argument("--repeats", type=int, default=3, help="medians; the minimum is kept")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--write", help="write the markdown report to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = [
+        "# The EMA fused into the optimizer step",
+        "",
+        "```bash",
+        ".venv/bin/python benchmarks/bench_fused.py " + " ".join(sys.argv[1:]),
+        "```",
+        "",
+        f"Run {datetime.date.today().isoformat()}: {platform.machine()}, torch "
+        f"{torch.__version__}, {args.threads} threads, Python {platform.python_version()}; "
+        f"min of {args.repeats} interleaved medians of {args.rounds} calls, each after a "
+        "128 MiB write. EMA: the row minus its optimizer alone.",
+        "",
+    ]
+    for dtype, label in (
+        (torch.float32, "20 tensors x 1M float32, AdamW"),
+        (torch.bfloat16, "20 tensors x 1M bf16 (float32 shadow), AdamW"),
+    ):
+        print(label, file=sys.stderr, flush=True)
+        res = measure(rows(dtype), args.rounds, args.repeats)
+        eager, compiled = res["eager AdamW"], res["compiled AdamW"]
+        separate = res["compiled AdamW + EMA.step"] - compiled
+        lines += [f"## {label}", "", "| row | ms | EMA ms |", "|---|---:|---:|"]
+        for k, v in res.items():
+            base = compiled if ("compiled" in k or "fused" in k) else eager
+            ema = "" if k in ("eager AdamW", "compiled AdamW") else f"{v - base:.2f}"
+            lines.append(f"| {k} | {v:.2f} | {ema} |")
+        fused = res["**EMA.fused_step (one compiled function)**"] - compiled
+        lines += [
+            "",
+            f"Fused EMA cost / separate EMA cost (after the compiled optimizer): "
+            f"{fused:.2f} / {separate:.2f} ms = **{fused / separate:.2f}x**.",
+            "",
+        ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The EMA update fused into the optimizer step: :meth:`ema_callbacks.EMA.fused_step`.
+
+A separate EMA update reads the weights again after ``optimizer.step()`` wrote them (weights,
+shadow, shadow: 12 bytes per float32 parameter). Compiled together with the optimizer's own
+pass, the weights are still in registers when the EMA reads them, so the update costs only the
+shadow's read and write. :class:`FusedStep` compiles ``optimizer.step()`` and the lerp of every
+EMA due at that step into one ``torch.compile`` graph:
+
+* The optimizer's step runs without its ``torch.optim`` wrapper (whose graph breaks would cut
+  the graph in two); its pre- and post-hooks run around the compiled call as
+  ``optimizer.step()`` runs them.
+* The lerp weights enter as 0-d tensors, so a changing smoothing does not recompile; one graph
+  is compiled per set of EMA profiles due together (and one for each profile's first,
+  initialising copy), and one for the steps with no update due (the optimizer alone).
+* Everything around the tensors is the controller's, as for :meth:`EMA.step`: the schedules,
+  BEMA's evaluated weights (formed after the fused call), ``train_with_ema_weights``, the
+  post-hoc snapshots, state, swap and export.
+
+``compile=False`` gives the same semantics eagerly (``optimizer.step()``, then
+:meth:`EMA.step`), for optimizers or platforms that cannot compile.
+
+Speed, measured (``docs/performance_fused.md``, CPU, torch 2.13, cold caches): the fused
+function is correct but not yet faster: Inductor's CPU code does not fold the EMA's lerp into
+AdamW's loop, and the EMA then costs about 3x the separate update after a compiled AdamW. Use it
+where it measures faster (the GPU is untested); the separate :meth:`EMA.step` is the default.
+
+Limits: ``nonfinite`` must be ``'ignore'`` (the guard's decision would need the weights after
+the step, before the update: a host synchronisation inside the graph) and ``stream=False``.
+Learning rates that change every step should be tensors (``lr=torch.tensor(1e-3)``), as in
+PyTorch's compiled-optimizer recipe; a Python float recompiles when it changes.
+
+>>> import torch
+>>> from ema_callbacks import EMA
+>>> model = torch.nn.Linear(4, 1)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> ema = EMA(model, half_life='10ba')
+>>> step = ema.fused_step(opt, compile=False)
+>>> loss = model(torch.randn(8, 4)).pow(2).mean(); loss.backward()
+>>> step()          # optimizer.step() and the EMA's due update: the first one initialises
+True
+>>> ema.num_updates
+0
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ema_callbacks.controller import EMAProfile
+    from ema_callbacks.ema import EMA
+    from ema_callbacks.schedule import Update
+
+__all__ = ["FusedStep"]
+
+
+def _raw_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
+    """The optimizer class's own ``step``, without ``torch.optim``'s wrappers (the profiling
+    and hook wrapper, and ``_use_grad_for_differentiable`` whose graph breaks would split the
+    compiled function)."""
+    raw: Any = type(optimizer).step
+    while hasattr(raw, "__wrapped__"):
+        raw = raw.__wrapped__
+    return raw  # type: ignore[no-any-return]
+
+
+class FusedStep:
+    """``optimizer.step()`` and the EMA's due update as one call (one compiled function with
+    ``compile=True``); counts as one :meth:`EMA.step`. Build it with :meth:`EMA.fused_step`.
+
+    ``compilations`` counts the graphs compiled so far (one per set of profiles due together,
+    per initialising copy, and one for the optimizer alone).
+
+    >>> import torch
+    >>> from ema_callbacks import EMA
+    >>> model = torch.nn.Linear(2, 1)
+    >>> ema = EMA(model, smoothing=0.9)
+    >>> FusedStep(ema, torch.optim.SGD(model.parameters(), lr=0.1), compile=False).compilations
+    0
+    """
+
+    def __init__(self, ema: EMA, optimizer: torch.optim.Optimizer, *, compile: bool = True) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
+            )
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False; got {compile!r}")
+        options = ema.controller.weights_kwargs
+        if compile and options["nonfinite"] != "ignore":
+            raise ValueError(
+                f"fused_step(compile=True) needs nonfinite='ignore' (this EMA has "
+                f"nonfinite={options['nonfinite']!r}): the guard decides between the step and the "
+                "update, on the host; use compile=False"
+            )
+        if compile and options["stream"]:
+            raise ValueError(
+                "fused_step(compile=True) runs the update in the optimizer's pass, so there is "
+                "no separate update to put on a side stream: build the EMA with stream=False"
+            )
+        self.ema = ema
+        self.optimizer = optimizer
+        self.compile = compile
+        self.compilations = 0
+        self._raw = _raw_step(optimizer)
+        self._graphs: dict[tuple[Any, ...], Callable[..., None]] = {}
+        self._weights: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._serial = 0
+
+    # -- the compiled functions ------------------------------------------------------------
+
+    def _graph(
+        self, due: list[tuple[EMAProfile, Update]]
+    ) -> tuple[Callable[..., None], tuple[list[Any], list[Any], list[Any]]]:
+        """The compiled function for these due updates, and its inputs: the lerp weights
+        (0-d tensors, refilled each call), and the target and source tensor lists."""
+        lead = due[0][0].weights if due else self.ema.controller.weights
+        assert lead is not None
+        plan: list[tuple[str, int | None]] = []
+        weights: list[torch.Tensor] = []
+        targets_in: list[list[torch.Tensor]] = []
+        sources_in: list[list[torch.Tensor]] = []
+        for p, u in due:
+            w = p.weights
+            assert w is not None
+            for kind, groups, mine in (
+                ("lerp", lead._groups, w._groups),
+                ("mixed", lead._mixed, w._mixed),
+                ("copy", lead._copies, w._copies),
+            ):
+                for group, own in zip(groups, mine, strict=True):
+                    targets_in.append(own.targets if kind != "copy" else own.shadows)
+                    sources_in.append(group.sources())
+                    if kind == "copy" or u.initialise:
+                        plan.append(("copy", None))
+                        continue
+                    t = own.targets[0]
+                    slot = (p.name, t.dtype, t.device)
+                    if slot not in self._weights:
+                        self._weights[slot] = torch.zeros((), dtype=t.dtype, device=t.device)
+                    weight = self._weights[slot]
+                    weight.fill_(u.weight)
+                    index = next((i for i, x in enumerate(weights) if x is weight), None)
+                    if index is None:
+                        index = len(weights)
+                        weights.append(weight)
+                    plan.append((kind, index))
+        key = tuple(plan)
+        fn = self._graphs.get(key)
+        if fn is None:
+            fn = self._compile(plan)
+            self._graphs[key] = fn
+            self.compilations += 1
+        return fn, (weights, targets_in, sources_in)
+
+    def _compile(self, plan: list[tuple[str, int | None]]) -> Callable[..., None]:
+        optimizer, raw = self.optimizer, self._raw
+
+        def fused(
+            weights: list[torch.Tensor],
+            targets: list[list[torch.Tensor]],
+            sources: list[list[torch.Tensor]],
+        ) -> None:
+            raw(optimizer)
+            for (kind, index), dst, src in zip(plan, targets, sources, strict=True):
+                if kind == "copy":
+                    torch._foreach_copy_(dst, src)
+                    continue
+                assert index is not None
+                if kind == "mixed":  # bf16/fp16 weights, float32 shadow: cast in the same pass
+                    src = [s.to(t.device, t.dtype) for s, t in zip(src, dst, strict=True)]
+                torch._foreach_lerp_(dst, src, weights[index])  # type: ignore[call-overload]
+
+        # A code object of its own per plan: dynamo keeps its compiled graphs (and its
+        # recompile limit) per code object, so the variants of one FusedStep, and several
+        # FusedSteps, never evict or count against each other.
+        self._serial += 1
+        name = f"ema_fused_step_{id(self):x}_{self._serial}"
+        code = fused.__code__.replace(co_name=name, co_qualname=name)
+        own = types.FunctionType(code, fused.__globals__, name, None, fused.__closure__)
+        # emulate_precision_casts: a bf16 weight is averaged as stored (rounded), not as the
+        # float32 value the fused kernel computed before rounding it
+        return torch.compile(own, options={"emulate_precision_casts": True})
+
+    # -- one step --------------------------------------------------------------------------
+
+    def __call__(self, *, samples: Any = None, tokens: Any = None) -> bool:
+        """``optimizer.step()``, then the EMA's update if one is due (``samples``/``tokens`` as
+        for :meth:`EMA.step`). Returns True if an EMA was updated."""
+        ema = self.ema
+        model = ema._model(None)
+        if not self.compile:
+            self.optimizer.step()
+            return ema.step(model, samples=samples, tokens=tokens)
+        ema._advance(samples, tokens)
+        clock = ema.clock
+        controller = ema.controller
+        due = controller.prepare_update(model, clock)
+        for p, _ in due:
+            assert p.weights is not None
+            p.weights._check_live()  # a replaced parameter is followed, as by EMA.step
+        fn, inputs = self._graph(due)
+        args: tuple[Any, ...] = ()
+        kwargs: dict[str, Any] = {}
+        opt = self.optimizer
+        from torch.optim import optimizer as hooks
+
+        for pre in chain(
+            hooks._global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
+        ):
+            pre(opt, args, kwargs)
+        with torch.no_grad():
+            fn(*inputs)
+        for post in chain(
+            opt._optimizer_step_post_hooks.values(), hooks._global_optimizer_post_hooks.values()
+        ):
+            post(opt, args, kwargs)
+        opt._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check it
+        if due:
+            controller.finish_update(model, clock, due)
+        ema._snapshot()
+        return bool(due)
