@@ -59,6 +59,11 @@ if TYPE_CHECKING:
 __all__ = ["FusedStep"]
 
 
+# Inductor emulates the rounding of bf16/fp16 weights in a fused kernel reliably from this torch
+# on (tried: 2.13 does; 2.7's CPU code generation fails on it).
+_PRECISE_CASTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def _raw_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
     """The optimizer class's own ``step``, without ``torch.optim``'s wrappers (the profiling
     and hook wrapper, and ``_use_grad_for_differentiable`` whose graph breaks would split the
@@ -102,6 +107,13 @@ class FusedStep:
             raise ValueError(
                 "fused_step(compile=True) runs the update in the optimizer's pass, so there is "
                 "no separate update to put on a side stream: build the EMA with stream=False"
+            )
+        weights = ema.controller.weights
+        if compile and not _PRECISE_CASTS and weights is not None and weights._mixed:
+            raise ValueError(
+                "fused_step(compile=True) with bf16/fp16 weights and a float32 average needs "
+                f"torch >= 2.13 (this is {torch.__version__}, whose Inductor cannot keep the "
+                "weights' rounding in the fused kernel); use compile=False"
             )
         self.ema = ema
         self.optimizer = optimizer
@@ -185,7 +197,8 @@ class FusedStep:
         own = types.FunctionType(code, fused.__globals__, name, None, fused.__closure__)
         # emulate_precision_casts: a bf16 weight is averaged as stored (rounded), not as the
         # float32 value the fused kernel computed before rounding it
-        return torch.compile(own, options={"emulate_precision_casts": True})
+        options: dict[str, Any] = {"emulate_precision_casts": True} if _PRECISE_CASTS else {}
+        return torch.compile(own, options=options)
 
     # -- one step --------------------------------------------------------------------------
 
