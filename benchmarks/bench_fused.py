@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_api import measure  # the same interleaved, cache-flushed timing
 from torch import nn
 
 DECAY = 0.999
-_FLUSH = torch.empty(32 * 2**20)
 
 
 def make(dtype: torch.dtype) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -69,25 +67,10 @@ def rows(dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
         out["eager AdamW + timm ModelEmaV3.update"] = lambda: (o6.step(), t6.update(m6))
     except ImportError:
         pass
-    return out
-
-
-def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # compile, initialise the EMAs and the optimizers' state
+    for fn in out.values():  # compile every graph (the fused step's copy and lerp ones, too)
         for _ in range(3):
             fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                _FLUSH.fill_(1.0)
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        for k, ts in times.items():
-            best[k] = min(best[k], statistics.median(ts) * 1e3)
-    return best
+    return out
 
 
 def main() -> None:

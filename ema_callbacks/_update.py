@@ -1,15 +1,6 @@
 """The update maths of :mod:`ema_callbacks.weights`, as functions over its groups of tensors:
 the fused lerp of several EMAs at once, the mixed-dtype staging through a bounded scratch, the
-non-finite guard. Torch only; the fused optimizer step calls these too.
-
->>> import torch
->>> from ema_callbacks.weights import EMAWeights
->>> model = torch.nn.Linear(2, 2)
->>> fast, slow = EMAWeights(model), EMAWeights(model)
->>> with torch.no_grad():
-...     _ = model.weight.add_(1.0)
->>> update_together_([fast, slow], [0.5, 0.1])
-True
+non-finite guard. Torch only (examples: :func:`lerp_`, :func:`update_together_`).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ class EMAController:
             which post-hoc reconstruction wants).
         update_bn_batches: recompute the BatchNorm statistics of each average over this many
             training batches before it is evaluated and at the end of training (the adapters
-            call :meth:`update_bn`); needs ``buffers='average'`` or ``'copy'``.
+            call :meth:`activate`, which calls :meth:`refresh_bn`); needs ``buffers='average'`` or ``'copy'``.
     """
 
     # Over 300 lines on purpose: this is the one object every adapter talks to (events, the
@@ -907,17 +907,10 @@ class EMAController:
         devices = sorted(
             {t.device.index or 0 for t in profile.weights.shadow.values() if t.is_cuda}
         )
-        was = profile.weights.is_swapped
-        if was:
-            profile.weights.swap_out()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                profile.weights.update_bn_(
-                    loader, model, batches=self.update_bn_batches, forward=forward
-                )
-        finally:
-            if was:
-                profile.weights.swap_in(model)
+        with torch.random.fork_rng(devices=devices):  # update_bn_ swaps in (and back) itself
+            profile.weights.update_bn_(
+                loader, model, batches=self.update_bn_batches, forward=forward
+            )
         profile.bn_mark = mark
         return True
 
