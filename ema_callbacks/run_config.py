@@ -1,38 +1,21 @@
 """Run a training described by a YAML file, for any of the three trainers, with EMA in it.
 
-The top-level key ``framework`` says which trainer; the rest is that trainer's own format:
+The top-level key ``framework`` (``composer``, ``lightning`` or ``transformers``) says which
+trainer; the rest is in that trainer's own terms: a LightningCLI config; Composer ``Trainer``
+arguments with ``algorithms: {ema: {...}}``; ``TrainingArguments`` with ``callbacks``. Classes
+are ``{class_path, init_args}``. ``docs/run_config.md`` gives each format in full. Example
+configs ship in the package (:func:`bundled_configs`); a name such as ``'lightning_digits'``
+works wherever a path does.
 
-``framework: lightning``
-    a LightningCLI config (``seed_everything``, ``trainer``, ``model``, ``data``,
-    ``optimizer``, ``lr_scheduler``, ``ckpt_path``), EMA as
-    ``trainer.callbacks: [{class_path: ema_callbacks.lightning.EMACallback, init_args: ...}]``;
-    built by ``LightningCLI(args=..., run=False)``, then ``trainer.fit``.
-``framework: composer``
-    ``model``, ``train_dataloader``, ``eval_dataloader`` as ``{class_path, init_args}`` (a class
-    or a function); ``optimizer`` ``{class_path, init_args}`` (built with the model's parameters
-    first); ``trainer`` (``composer.Trainer`` keyword arguments); ``algorithms: {ema: {...}}``
-    (:class:`ema_callbacks.composer.EMA`'s arguments; other algorithms as
-    ``{class_path, init_args}``); ``callbacks`` a list of ``{class_path, init_args}``.
-``framework: transformers``
-    ``model``, ``train_dataset``, ``eval_dataset`` as ``{class_path, init_args}`` (nested
-    ``{class_path, init_args}`` values are built first, e.g. a model's ``config``);
-    ``training_arguments`` (``TrainingArguments`` fields); ``callbacks`` a list of
-    ``{class_path, init_args}``; ``compute_metrics`` and ``data_collator`` as dotted paths.
-
-The example configs ship in the package (:func:`bundled_configs`); a name such as
-``'lightning_digits'`` works wherever a path does.
-
-:func:`load_config` checks the whole file before anything is built. The types come from the
+:func:`load_config` checks the whole file before anything is built, with the types of the
 libraries that own them: jsonargparse (which LightningCLI uses) reads the signatures and type
-hints of each class a file names, of the trainers (``lightning.Trainer``, ``composer.Trainer``)
-and of ``TrainingArguments``. Unknown keys (with a "did you mean"), class paths that do not
-import, missing or unknown arguments and values of the wrong type are errors; then every EMA
-object and ``TrainingArguments`` are built, so their own checks run. **One conversion**: a
-string where a signature declares a number is read as a number when it reads as one
-(``learning_rate: 1e-3``, a string to YAML 1.1, is 0.001); ``num_train_epochs: three`` is an
-error. Errors are :class:`ConfigError` (a ``ValueError``) saying
-``"{file}: {dotted.key}: expected ..., got ..."``; a trainer that is not installed is an
-``ImportError`` naming the pip extra. :func:`train` then trains into a folder it keeps.
+hints of every class the file names, of the trainers and of ``TrainingArguments``; then every
+EMA object and ``TrainingArguments`` are built, so their own checks run. **One conversion**: a
+string where a number is declared is read as a number when it reads as one (``1e-3``, a string
+to YAML 1.1). Errors are :class:`ConfigError` (a ``ValueError``):
+``"{file}: {dotted.key}: expected ..., got ..."``, with a "did you mean" for unknown keys; a
+missing trainer is an ``ImportError`` naming the pip extra. :func:`train` then trains into a
+folder it keeps.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / 'bad.yaml'
@@ -45,6 +28,7 @@ ema_callbacks.run_config.ConfigError: .../bad.yaml: framework: expected one of '
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -83,46 +67,17 @@ FRAMEWORKS = ("composer", "lightning", "transformers")
 #: The file :func:`train` writes in the run's folder: the model with the EMA weights in.
 EMA_WEIGHTS_FILE = "ema_weights.safetensors"
 
+# the keys (besides ``framework``) each framework's file may have at the top level
 _TOP_KEYS = {
-    "composer": [
-        "framework",
-        "model",
-        "train_dataloader",
-        "eval_dataloader",
-        "optimizer",
-        "trainer",
-        "algorithms",
-        "callbacks",
-    ],
-    "lightning": [
-        "framework",
-        "seed_everything",
-        "trainer",
-        "model",
-        "data",
-        "optimizer",
-        "lr_scheduler",
-        "ckpt_path",
-    ],
-    "transformers": [
-        "framework",
-        "model",
-        "train_dataset",
-        "eval_dataset",
-        "training_arguments",
-        "callbacks",
-        "compute_metrics",
-        "data_collator",
-    ],
+    "composer": "model train_dataloader eval_dataloader optimizer trainer algorithms callbacks",
+    "lightning": "seed_everything trainer model data optimizer lr_scheduler ckpt_path",
+    "transformers": "model train_dataset eval_dataset training_arguments callbacks "
+    "compute_metrics data_collator",
 }
-# composer.Trainer arguments the file gives at the top level
+# composer.Trainer arguments the file gives at the top level, and the key it gives them as
 _COMPOSER_RESERVED = {
-    "model": "model",
-    "train_dataloader": "train_dataloader",
-    "eval_dataloader": "eval_dataloader",
+    **{k: k for k in ("model", "train_dataloader", "eval_dataloader", "algorithms", "callbacks")},
     "optimizers": "optimizer",
-    "algorithms": "algorithms",
-    "callbacks": "callbacks",
 }
 # where each trainer writes: (section, key) of the file
 _OUTPUT_KEY = {
@@ -275,25 +230,14 @@ def _listing(names: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
-
-
 def _split_key(key: str) -> list[str | int]:
     """``'trainer.callbacks[0].init_args'`` -> ``['trainer', 'callbacks', 0, 'init_args']``."""
-    parts: list[str | int] = []
-    pos = 0
-    while pos < len(key):
-        match = _TOKEN.match(key, pos)
-        if match is None or key.startswith("."):
-            raise ValueError(
-                "override keys are dotted paths like 'trainer.max_epochs' or "
-                f"'trainer.callbacks[0].init_args.half_life'; got {key!r}"
-            )
-        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
-        pos = match.end()
-    if not parts:
-        raise ValueError(f"override keys must not be empty; got {key!r}")
-    return parts
+    if not re.fullmatch(r"[^.\[\]]+(\.[^.\[\]]+|\[\d+\])*", key):
+        raise ValueError(
+            "override keys are dotted paths like 'trainer.max_epochs' or "
+            f"'trainer.callbacks[0].init_args.half_life'; got {key!r}"
+        )
+    return [int(i) if i else name for name, i in re.findall(r"([^.\[\]]+)|\[(\d+)\]", key)]
 
 
 def _apply_overrides(
@@ -301,60 +245,52 @@ def _apply_overrides(
 ) -> None:
     """Set each dotted key to its value; ``'key=value'`` strings have the value read as YAML.
     A key the file lacks is added, and then checked like the file's own keys."""
-    if overrides is None:
-        return
-    if isinstance(overrides, Mapping):
-        items = [(str(k), v) for k, v in overrides.items()]
-    elif isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence | Mapping | None):
         raise TypeError(
             "overrides must be a mapping {'dotted.key': value} or a list of 'dotted.key=value' "
             f"strings; got {overrides!r}"
         )
-    else:
-        items = []
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ValueError(f"an override must look like 'dotted.key=value'; got {item!r}")
-            key, _, text = item.partition("=")
-            try:
-                items.append((key.strip(), yaml.safe_load(text)))
-            except yaml.YAMLError as err:
-                raise ValueError(f"override {item!r}: the value is not valid YAML") from err
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else []
+    for item in overrides if isinstance(overrides, Sequence) else ():
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"an override must look like 'dotted.key=value'; got {item!r}")
+        key, _, text = item.partition("=")
+        try:
+            items.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML") from err
     for key, value in items:
-        parts = _split_key(key)
         node: Any = config
+        parts = _split_key(str(key))
         for i, part in enumerate(parts):
             here = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts[: i + 1])
-            here = here.lstrip(".")
             if isinstance(part, int) and (not isinstance(node, list) or part >= len(node)):
-                raise ConfigError(path, here, f"expected a list with an item {part}, got none")
+                raise ConfigError(path, here[1:], f"expected a list with an item {part}, got none")
             if isinstance(part, str) and not isinstance(node, dict):
-                raise ConfigError(path, here, f"expected a mapping, got {_show(node)}")
+                raise ConfigError(path, here[1:], f"expected a mapping, got {_show(node)}")
             if i == len(parts) - 1:
                 node[part] = value
-            else:
-                if isinstance(part, str) and not isinstance(node.get(part), (dict, list)):
-                    node[part] = {}
-                node = node[part]
+                break
+            if isinstance(part, str) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
 
 
 def _require(framework: str, path: Path) -> None:
-    """The trainer (its module is named like the framework) and jsonargparse are installed."""
+    """The trainer (its module is named like the framework) and jsonargparse are installed (a
+    folder of that name on ``sys.path``, a namespace package, is not the library)."""
     for module, hint in (
         (framework, f"ema-callbacks[{framework}]"),
         ("jsonargparse", "jsonargparse[signatures]"),
     ):
-        try:
+        with contextlib.suppress(ImportError, ValueError):
             spec = importlib.util.find_spec(module)
-            # a folder of that name on sys.path (a namespace package) is not the library
-            found = spec is not None and spec.origin not in (None, "namespace")
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ImportError(
-                f"{path}: framework: {framework!r} needs {module}, which is not installed: "
-                f'pip install "{hint}"'
-            )
+            if spec is not None and spec.origin not in (None, "namespace"):
+                continue
+        raise ImportError(
+            f"{path}: framework: {framework!r} needs {module}, which is not installed: "
+            f'pip install "{hint}"'
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,18 +450,30 @@ class _Check:
             detail = "YAML reads yes/no/on/off as true/false: quote a word, 'no'"
         return self.error(f"{key}.{name}" if name else key, expected, got, detail)
 
-    def build(self, cls: Any, init_args: Mapping[str, Any], key: str) -> Any:
-        """Build an EMA object now, so its own validation runs; its ``ValueError`` or
-        ``TypeError`` is reported at the argument it names."""
+    def build(self, cls: Any, init_args: Mapping[str, Any], key: str, **supplied: Any) -> Any:
+        """Build ``cls(**init_args, **supplied)`` now, so its own validation runs (an EMA
+        object, ``TrainingArguments``). Its ``ValueError`` or ``TypeError`` is reported at the
+        argument it names: its first word, else an argument it mentions, else one whose string
+        value it quotes."""
         try:
-            return cls(**init_args)
+            return cls(**{**init_args, **supplied})
         except (ValueError, TypeError) as err:
             message = str(err)
             first = re.match(r"\w+", message)
-            if first and first.group(0) in init_args:
-                name = first.group(0)
+            named = ([first.group(0)] if first and first.group(0) in init_args else []) or [
+                n for n in init_args if re.search(rf"\b{re.escape(n)}\b", message)
+            ]
+            named = named or [
+                n
+                for n, v in init_args.items()
+                if isinstance(v, str) and re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", message)
+            ]
+            if named:
                 raise self.error(
-                    f"{key}.{name}", f"a valid {cls.__name__} argument", init_args[name], message
+                    f"{key}.{named[0]}",
+                    f"a valid {cls.__name__} argument",
+                    init_args[named[0]],
+                    message,
                 ) from err
             raise self.error(
                 key, f"valid {cls.__name__} arguments", dict(init_args), message
@@ -565,19 +513,15 @@ def _check_composer(check: _Check, config: dict[str, Any]) -> None:
             "optimizer.init_args.params", "no 'params' (the model's are passed)", "params"
         )
     check.spec(optimizer, "optimizer", required=False, supplied=("params",))
-    for name in check.mapping(config.get("trainer"), "trainer"):
+    trainer = check.mapping(config.get("trainer"), "trainer")
+    for name in trainer:
         if name in _COMPOSER_RESERVED:
             raise check.error(
                 f"trainer.{name}",
                 f"it at the top level, as '{_COMPOSER_RESERVED[name]}'",
                 "it under 'trainer'",
             )
-    check.arguments(
-        Trainer,
-        check.mapping(config.get("trainer"), "trainer"),
-        "trainer",
-        list(_COMPOSER_RESERVED),
-    )
+    check.arguments(Trainer, trainer, "trainer", list(_COMPOSER_RESERVED))
     for name, value in check.mapping(config.get("algorithms"), "algorithms").items():
         if name == "ema":
             init_args = check.mapping(value, "algorithms.ema", "a mapping of EMA arguments")
@@ -607,20 +551,7 @@ def _check_transformers(check: _Check, config: dict[str, Any]) -> None:
         if config.get(name) is not None:
             check.target(config[name], name)
     with tempfile.TemporaryDirectory() as folder:  # its own checks (__post_init__)
-        try:
-            TrainingArguments(**{**arguments, "output_dir": folder})
-        except (ValueError, TypeError) as err:
-            message = str(err)
-            named = [n for n in arguments if re.search(rf"\b{re.escape(n)}\b", message)] or [
-                n
-                for n, v in arguments.items()
-                if isinstance(v, str) and re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", message)
-            ]
-            key = f"training_arguments.{named[0]}" if named else "training_arguments"
-            got = arguments[named[0]] if named else arguments
-            raise check.error(
-                key, "TrainingArguments that transformers accepts", got, message
-            ) from err
+        check.build(TrainingArguments, arguments, "training_arguments", output_dir=folder)
 
 
 _CHECKS: dict[str, Callable[[_Check, dict[str, Any]], None]] = {
@@ -662,7 +593,7 @@ def load_config(
         raise check.error(
             "framework", "one of " + ", ".join(map(repr, FRAMEWORKS)), framework, hint
         )
-    check.keys(config, _TOP_KEYS[framework])
+    check.keys(config, ["framework", *_TOP_KEYS[framework].split()])
     _require(framework, file)
     _CHECKS[framework](check, config)
     return RunConfig(file, framework, config)
