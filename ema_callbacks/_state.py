@@ -156,9 +156,9 @@ def state_dict(ctrl: EMAController, training: bool | None = None) -> dict[str, A
     }
     if len(ctrl.profiles) > 1:
         state["profiles"] = {p.name: _profile_state(ctrl, p) for p in ctrl.profiles[1:]}
-    if ctrl.snapshot_schedule is not None:
-        state["snapshot"] = ctrl.snapshot_state.to_dict()
-        state["snapshot_run"] = ctrl.snapshot_run
+    if ctrl.snapshots is not None:
+        state["snapshot"] = ctrl.snapshots.state.to_dict()
+        state["snapshot_run"] = ctrl.snapshots.run
     aliases = ctrl.aliases
     if aliases:
         state["aliases"] = aliases
@@ -252,11 +252,8 @@ def load_state_dict(ctrl: EMAController, state: Mapping[str, Any]) -> None:
         for p in ctrl.profiles[1:]:
             p.state = ScheduleState()
             p.pending = None
-    ctrl.snapshot_state = snapshot
-    run = state.get("snapshot_run")
-    if ctrl.snapshot_schedule is not None and isinstance(run, str) and run:
-        ctrl.snapshot_run = run  # the same run, resumed
-        ctrl._snapshot_folders_checked.clear()
+    if ctrl.snapshots is not None:
+        ctrl.snapshots.resume(snapshot, state.get("snapshot_run"))  # the same run, resumed
     if ctrl.weights is not None:
         if training is not None:
             # The model slot of this checkpoint held EMA weights: put training weights back.

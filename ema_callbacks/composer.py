@@ -46,7 +46,6 @@ EMA(half_life='50ba', ema_start='10ba')
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -74,6 +73,8 @@ from ema_callbacks.controller import (
     EMAController,
     _snapshot_folder_option,
     first_batches,
+    metric_copy,
+    metric_profile,
 )
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, half_life_to_smoothing
@@ -113,15 +114,6 @@ _CLOCK_HINT = (
     "get_num_tokens_in_batch counts them (the default only counts dict batches with "
     "'input_ids')"
 )
-
-
-# The attribute that marks a metric as an EMA profile's copy (its value: the profile's name).
-_METRIC_PROFILE = "_ema_callbacks_profile"
-
-
-def _profile_of(metric: Any) -> str | None:
-    """The profile whose copy ``metric`` is, or None for the trainer's own metrics."""
-    return getattr(metric, _METRIC_PROFILE, None)
 
 
 def _to_cpu(outputs: Any) -> Any:
@@ -623,24 +615,22 @@ class EMA(Algorithm):  # type: ignore[misc]
         if metrics is None:
             return
         names = self.controller.names
-        for key in [k for k, m in metrics.items() if _profile_of(m) not in (None, *names)]:
+        for key in [k for k, m in metrics.items() if metric_profile(m) not in (None, *names)]:
             del metrics[key]  # a copy made for profiles this algorithm no longer has
-        raw = {k: m for k, m in metrics.items() if _profile_of(m) is None}
+        raw = {k: m for k, m in metrics.items() if metric_profile(m) is None}
         for name in names:
             for key, metric in raw.items():
                 copy_key = f"{name}/{key}"
                 existing = metrics.get(copy_key)
                 if existing is not None:
-                    if _profile_of(existing) != name:
+                    if metric_profile(existing) != name:
                         raise ValueError(
                             f"the evaluator {state.dataloader_label!r} already has a metric named "
                             f"{copy_key!r}, the name of EMA profile {name!r}'s copy of {key!r}; "
                             "rename the metric or the profile (profiles=[{'name': ...}])"
                         )
                     continue
-                twin = copy.deepcopy(metric)
-                setattr(twin, _METRIC_PROFILE, name)
-                metrics[copy_key] = twin
+                metrics[copy_key] = metric_copy(metric, name)
 
     def _route(self, state: State) -> None:
         """Make the model's ``update_metric`` hand each profile's metric copies that profile's
@@ -653,7 +643,7 @@ class EMA(Algorithm):  # type: ignore[misc]
         original: Any = target.update_metric
 
         def update_metric(batch: Any, outputs: Any, metric: Any) -> Any:
-            name = _profile_of(metric)
+            name = metric_profile(metric)
             if name is not None:
                 if name not in self._outputs:
                     raise RuntimeError(

@@ -43,9 +43,9 @@ True
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -58,6 +58,7 @@ from torch import nn
 
 from ema_callbacks import _state
 from ema_callbacks._state import _SCHEDULE_KEYS, STATE_FORMAT, STATE_VERSION
+from ema_callbacks.posthoc import SnapshotWriter
 from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update
 from ema_callbacks.time_strings import Time, TimeUnit
 from ema_callbacks.weights import (
@@ -74,15 +75,13 @@ __all__ = [
     "FINAL_WEIGHTS",
     "STATE_FORMAT",
     "STATE_VERSION",
+    "metric_copy",
+    "metric_profile",
     "profile_name",
 ]
 
 FINAL_WEIGHTS = ("ema", "training")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-
-
-def _new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def _snapshot_folder_option(
@@ -166,6 +165,37 @@ def first_batches(loader: Any) -> Any:
     return DataLoader(
         loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn
     )
+
+
+# The attribute that marks a metric object as an EMA profile's copy (its value: the profile).
+_METRIC_PROFILE = "_ema_callbacks_profile"
+
+
+def metric_copy(metric: Any, profile: str) -> Any:
+    """EMA profile ``profile``'s own copy of a trainer's metric object (a torchmetrics
+    ``Metric`` or ``MetricCollection``, a Composer metric; anything ``deepcopy`` copies):
+    reset, and marked with the profile (:func:`metric_profile`). An adapter evaluating several
+    EMAs updates each profile's copies with that profile's outputs, so the training weights'
+    metric state stays its own.
+
+    >>> class Total:
+    ...     def __init__(self): self.value = 0
+    ...     def reset(self): self.value = 0
+    >>> metric = Total(); metric.value = 5
+    >>> twin = metric_copy(metric, 'ema_fast')
+    >>> twin.value, metric_profile(twin), metric_profile(metric)
+    (0, 'ema_fast', None)
+    """
+    twin = copy.deepcopy(metric)
+    if callable(getattr(twin, "reset", None)):
+        twin.reset()
+    setattr(twin, _METRIC_PROFILE, profile)
+    return twin
+
+
+def metric_profile(metric: Any) -> str | None:
+    """The profile whose copy (:func:`metric_copy`) ``metric`` is; None for the trainer's own."""
+    return getattr(metric, _METRIC_PROFILE, None)
 
 
 def profile_name(schedule: Schedule) -> str:
@@ -328,34 +358,19 @@ class EMAController:
                 )
         _as_dtype(dtype)
         _check_device(device)
-        self.snapshot_schedule: Schedule | None = None
+        SnapshotWriter.check_options(snapshot_dtype, snapshot_keep)
+        #: The post-hoc snapshots' schedule, files and run id (None without ``snapshot_every``).
+        self.snapshots: SnapshotWriter | None = None
         if snapshot_every is not None:
-            self.snapshot_schedule = Schedule(
-                smoothing=0.0,
-                update_interval=snapshot_every,
-                names={"update_interval": "snapshot_every"},
-            )
+            self.snapshots = SnapshotWriter(snapshot_every, snapshot_dtype, snapshot_keep)
             if not any(s.sigma_rel is not None for s in schedules):
                 raise ValueError(
                     f"snapshot_every={str(snapshot_every)!r} writes post-hoc EMA snapshots of "
                     "the sigma_rel profiles, but there is none; track some, e.g. "
                     "sigma_rel=[0.05, 0.10]"
                 )
-        from ema_callbacks.posthoc import _STORAGE_DTYPES
-
-        if not isinstance(snapshot_dtype, str) or snapshot_dtype not in _STORAGE_DTYPES:
-            raise ValueError(
-                f"snapshot_dtype must be one of {', '.join(map(repr, _STORAGE_DTYPES))}; "
-                f"got {snapshot_dtype!r}"
-            )
-        if snapshot_keep is not None and (
-            isinstance(snapshot_keep, bool)
-            or not isinstance(snapshot_keep, int)
-            or snapshot_keep < 1
-        ):
-            raise ValueError(
-                f"snapshot_keep must be a positive integer or None; got {snapshot_keep!r}"
-            )
+        self.snapshot_dtype = snapshot_dtype
+        self.snapshot_keep = snapshot_keep
 
         if update_bn_batches is not None:
             if (
@@ -399,14 +414,6 @@ class EMAController:
         self.eval_with_ema = eval_with_ema
         self.eval_all = (eval_with_ema and len(self.profiles) > 1) if eval_all is None else eval_all
         self.train_with_ema_weights = train_with_ema_weights
-        self.snapshot_dtype = snapshot_dtype
-        self.snapshot_keep = snapshot_keep
-        self.snapshot_state = ScheduleState()
-        # Which run wrote a snapshot (its metadata ``run``): ``snapshot_keep`` deletes only this
-        # run's files, and a folder holding another run's snapshots is refused. Saved in the
-        # state, so a resumed run is the same run.
-        self.snapshot_run: str | None = None if self.snapshot_schedule is None else _new_run_id()
-        self._snapshot_folders_checked: set[str] = set()
         self._pending_training: dict[str, torch.Tensor] | None = None
         self._loaded_aliases: dict[str, str] = {}
         self._final_swap = False
@@ -948,74 +955,31 @@ class EMAController:
 
     # -- post-hoc snapshots ---------------------------------------------------------------
 
+    @property
+    def snapshot_schedule(self) -> Schedule | None:
+        """When post-hoc snapshots are written (``snapshot_every``), or None."""
+        return None if self.snapshots is None else self.snapshots.schedule
+
+    @property
+    def snapshot_run(self) -> str | None:
+        """The id this run writes into its snapshots' metadata (saved in :meth:`state_dict`,
+        so a resumed run is the same run), or None without snapshots."""
+        return None if self.snapshots is None else self.snapshots.run
+
     def snapshot_due(self, clock: Clock) -> bool:
         """Whether a post-hoc snapshot is due at ``clock`` (``snapshot_every`` crossed and
         some ``sigma_rel`` profile started)."""
-        if self.snapshot_schedule is None:
-            return False
-        if not any(p.schedule.sigma_rel is not None and p.started for p in self.profiles):
-            return False
-        return self.snapshot_schedule.due(clock, self.snapshot_state) is not None
+        return self.snapshots is not None and self.snapshots.due(self.profiles, clock)
 
     def write_snapshots(
         self, folder: str | Path, clock: Clock, *, write: bool = True
     ) -> list[Path]:
-        """Write a snapshot of every started ``sigma_rel`` profile into ``folder`` (named
-        ``ema-{time}-sigma_rel{s}.safetensors``, time counted in the profile's update unit
-        since the start of training) and record the snapshot time. Sharded EMAs are gathered
-        (a collective: every rank calls this; only ranks with ``write=True`` write). With
-        ``snapshot_keep``, the files of older snapshot times in ``folder`` are deleted.
-        Returns the paths written.
-        """
-        from ema_callbacks.posthoc import find_snapshots, save_snapshot
-
-        assert self.snapshot_schedule is not None, "snapshot_every is not set"
-        if write:
-            self.check_snapshot_folder(folder)
-        written: list[Path] = []
-        for p in self.profiles:
-            if p.schedule.sigma_rel is None or not p.started or p.weights is None:
-                continue
-            unit = p.schedule.update_interval.unit
-            time = float(p.state.last.get(unit.value, 0.0))
-            if time <= 0:
-                continue
-            # The whole EMA: FSDP2 and ZeRO-3 shards are gathered (a collective).
-            tensors = p.weights.full_state_dict()
-            if not write:
-                continue
-            averaged = {k: v for k, v in tensors.items() if p.weights._average.get(k, True)}
-            kept = {k: v for k, v in tensors.items() if k not in averaged}
-            label = Time(int(time) if time.is_integer() else time, unit)
-            path = Path(folder) / f"ema-{label}-sigma_rel{p.schedule.sigma_rel:g}.safetensors"
-            written.append(
-                save_snapshot(
-                    path,
-                    averaged,
-                    time=time,
-                    unit=unit.value,
-                    sigma_rel=p.schedule.sigma_rel,
-                    dtype=self.snapshot_dtype,
-                    buffers=kept,
-                    aliases={a: n for a, n in p.weights.aliases.items() if n in tensors},
-                    run=self.snapshot_run,
-                )
-            )
-        self.snapshot_schedule.commit(
-            clock, self.snapshot_state, self.snapshot_schedule.due(clock, self.snapshot_state)
-        )
-        if write and self.snapshot_keep is not None and written:
-            found = [
-                s
-                for s in find_snapshots(folder, skip_damaged=True)
-                if s.path.parent == Path(folder).resolve() and s.run == self.snapshot_run
-            ]
-            times = sorted({s.time for s in found})
-            old = set(times[: max(0, len(times) - self.snapshot_keep)])
-            for s in found:
-                if s.time in old:
-                    s.path.unlink(missing_ok=True)
-        return written
+        """Write a snapshot of every started ``sigma_rel`` profile into ``folder`` and record
+        the snapshot time (:meth:`SnapshotWriter.write <ema_callbacks.posthoc.SnapshotWriter.write>`:
+        sharded EMAs are gathered, a collective every rank calls; ranks with ``write=True``
+        write). Returns the paths written."""
+        assert self.snapshots is not None, "snapshot_every is not set"
+        return self.snapshots.write(self.profiles, folder, clock, write=write)
 
     def check_snapshot_folder(self, folder: str | Path) -> None:
         """Refuse (``ValueError`` naming the folder and a file) a snapshot folder that holds
@@ -1037,28 +1001,8 @@ class EMAController:
         ...
         ValueError: snapshot folder '...' holds 1 post-hoc EMA snapshot(s) of another run (e.g. ema-10ba-sigma_rel0.1.safetensors, written by run 0123abcd; this run is ...); their names would collide and snapshot_keep and a reconstruction would mix the runs: give this run its own snapshot_folder, or move those files away
         """
-        from ema_callbacks.posthoc import find_snapshots
-
-        key = os.path.realpath(os.fspath(folder))
-        if key in self._snapshot_folders_checked:
-            return
-        if os.path.isdir(key):
-            others = [
-                s
-                for s in find_snapshots(key, skip_damaged=True)
-                if s.path.parent == Path(key) and s.run != self.snapshot_run
-            ]
-            if others:
-                first = others[0]
-                who = "a run" if first.run is None else f"run {first.run}"
-                raise ValueError(
-                    f"snapshot folder {os.fspath(folder)!r} holds {len(others)} post-hoc EMA "
-                    f"snapshot(s) of another run (e.g. {first.path.name}, written by {who}; this "
-                    f"run is {self.snapshot_run}); their names would collide and snapshot_keep "
-                    "and a reconstruction would mix the runs: give this run its own "
-                    "snapshot_folder, or move those files away"
-                )
-        self._snapshot_folders_checked.add(key)
+        if self.snapshots is not None:
+            self.snapshots.check_folder(folder)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -1094,10 +1038,8 @@ class EMAController:
         for p in self.profiles:
             p.state = ScheduleState()
             p.pending = None
-        self.snapshot_state = ScheduleState()
-        if self.snapshot_schedule is not None:
-            self.snapshot_run = _new_run_id()
-            self._snapshot_folders_checked.clear()
+        if self.snapshots is not None:
+            self.snapshots.restart()
         self._pending_training = None
 
     def load_averaged(

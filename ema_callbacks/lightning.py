@@ -42,7 +42,6 @@ Hook map (Lightning hook -> controller event; see ``docs/lightning.md``):
 
 from __future__ import annotations
 
-import copy
 import importlib
 import math
 import os
@@ -54,7 +53,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ema_callbacks.controller import EMAController, _snapshot_folder_option, first_batches
+from ema_callbacks.controller import (
+    EMAController,
+    _snapshot_folder_option,
+    first_batches,
+    metric_copy,
+)
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, ScheduleState
 from ema_callbacks.time_strings import TimeUnit
@@ -674,9 +678,7 @@ class EMACallback(_CallbackBase):
                 copies = self._metric_copies[p.name] = {}
                 for _, _, metric in slots:
                     if id(metric) not in copies:
-                        twin = copy.deepcopy(metric)
-                        twin.reset()  # type: ignore[operator]
-                        copies[id(metric)] = twin
+                        copies[id(metric)] = metric_copy(metric, p.name)
             with ExitStack() as stack:
                 stack.enter_context(self.controller.ema_weights(pl_module, p.name))
                 stack.enter_context(_metrics_replaced(pl_module, slots, copies))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from ema_callbacks.time_strings import Time, TimeUnit
 __all__ = [
     "FORMAT",
     "Snapshot",
+    "SnapshotWriter",
     "find_snapshots",
     "load_snapshot",
     "posthoc_command",
@@ -654,6 +656,154 @@ def find_snapshots(
 # ---------------------------------------------------------------------------------------------
 # Reconstruction
 # ---------------------------------------------------------------------------------------------
+
+
+class SnapshotWriter:
+    """When and how a training run writes its post-hoc snapshots: every ``every`` (a time
+    string), one file per started ``sigma_rel`` profile, named
+    ``ema-{time}-sigma_rel{s}.safetensors`` (time counted in the profile's update unit since
+    the start of training), stored in ``dtype``, keeping only the latest ``keep`` snapshot
+    times of this run (``None``: all). Each writer is one run (:attr:`run`, a random id in the
+    files' metadata, saved in the controller's state so a resumed run stays the same run): it
+    deletes only its own run's files and refuses a folder holding another run's snapshots.
+    :class:`~ema_callbacks.controller.EMAController` owns one when given ``snapshot_every``.
+
+    >>> import tempfile
+    >>> from ema_callbacks.controller import EMAController
+    >>> ctrl = EMAController.create(sigma_rel=0.1, snapshot_every='2ba')
+    >>> writer = ctrl.snapshots
+    >>> str(writer.schedule.update_interval), writer.dtype, writer.keep, len(writer.run)
+    ('2ba', 'float16', None, 16)
+    >>> SnapshotWriter('2ba', dtype='int8')
+    Traceback (most recent call last):
+    ...
+    ValueError: snapshot_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64'; got 'int8'
+    """
+
+    def __init__(self, every: Any, dtype: str = "float16", keep: int | None = None) -> None:
+        from ema_callbacks.schedule import Schedule, ScheduleState
+
+        self.check_options(dtype, keep)
+        self.schedule = Schedule(
+            smoothing=0.0, update_interval=every, names={"update_interval": "snapshot_every"}
+        )
+        self.dtype = dtype
+        self.keep = keep
+        self.state = ScheduleState()
+        self.run = _new_run_id()
+        self._checked: set[str] = set()
+
+    @staticmethod
+    def check_options(dtype: Any, keep: Any) -> None:
+        """``ValueError`` for a ``snapshot_dtype`` or ``snapshot_keep`` that is not one."""
+        if not isinstance(dtype, str) or dtype not in _STORAGE_DTYPES:
+            raise ValueError(
+                f"snapshot_dtype must be one of {', '.join(map(repr, _STORAGE_DTYPES))}; "
+                f"got {dtype!r}"
+            )
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"snapshot_keep must be a positive integer or None; got {keep!r}")
+
+    def restart(self) -> None:
+        """A new run: a fresh schedule state and run id."""
+        from ema_callbacks.schedule import ScheduleState
+
+        self.state = ScheduleState()
+        self.run = _new_run_id()
+        self._checked.clear()
+
+    def resume(self, state: Any, run: Any) -> None:
+        """Continue a saved run: its schedule state and, where recorded, its run id."""
+        self.state = state
+        if isinstance(run, str) and run:
+            self.run = run
+            self._checked.clear()
+
+    def due(self, profiles: Sequence[Any], clock: Any) -> bool:
+        """Whether a snapshot is due at ``clock``: ``every`` crossed and some ``sigma_rel``
+        profile started."""
+        if not any(p.schedule.sigma_rel is not None and p.started for p in profiles):
+            return False
+        return self.schedule.due(clock, self.state) is not None
+
+    def write(
+        self, profiles: Sequence[Any], folder: str | Path, clock: Any, *, write: bool = True
+    ) -> list[Path]:
+        """Snapshot every started ``sigma_rel`` profile into ``folder`` and record the time.
+        Sharded EMAs are gathered (a collective: every rank calls this; only ranks with
+        ``write=True`` write). With ``keep``, the files of older snapshot times of this run in
+        ``folder`` are deleted. Returns the paths written."""
+        if write:
+            self.check_folder(folder)
+        written: list[Path] = []
+        for p in profiles:
+            if p.schedule.sigma_rel is None or not p.started or p.weights is None:
+                continue
+            unit = p.schedule.update_interval.unit
+            time = float(p.state.last.get(unit.value, 0.0))
+            if time <= 0:
+                continue
+            tensors = p.weights.full_state_dict()  # FSDP2 / ZeRO-3 shards gathered
+            if not write:
+                continue
+            averaged = {k: v for k, v in tensors.items() if p.weights._average.get(k, True)}
+            label = Time(int(time) if time.is_integer() else time, unit)
+            path = Path(folder) / f"ema-{label}-sigma_rel{p.schedule.sigma_rel:g}.safetensors"
+            written.append(
+                save_snapshot(
+                    path,
+                    averaged,
+                    time=time,
+                    unit=unit.value,
+                    sigma_rel=p.schedule.sigma_rel,
+                    dtype=self.dtype,
+                    buffers={k: v for k, v in tensors.items() if k not in averaged},
+                    aliases={a: n for a, n in p.weights.aliases.items() if n in tensors},
+                    run=self.run,
+                )
+            )
+        self.schedule.commit(clock, self.state, self.schedule.due(clock, self.state))
+        if write and self.keep is not None and written:
+            found = [
+                s
+                for s in find_snapshots(folder, skip_damaged=True)
+                if s.path.parent == Path(folder).resolve() and s.run == self.run
+            ]
+            times = sorted({s.time for s in found})
+            old = set(times[: max(0, len(times) - self.keep)])
+            for s in found:
+                if s.time in old:
+                    s.path.unlink(missing_ok=True)
+        return written
+
+    def check_folder(self, folder: str | Path) -> None:
+        """Refuse (``ValueError`` naming the folder and a file) a folder that holds snapshots
+        of another run: their names would collide with this run's, ``keep`` could not tell them
+        apart and a reconstruction would mix two runs. Checked once per folder."""
+        key = os.path.realpath(os.fspath(folder))
+        if key in self._checked:
+            return
+        if os.path.isdir(key):
+            others = [
+                s
+                for s in find_snapshots(key, skip_damaged=True)
+                if s.path.parent == Path(key) and s.run != self.run
+            ]
+            if others:
+                first = others[0]
+                who = "a run" if first.run is None else f"run {first.run}"
+                raise ValueError(
+                    f"snapshot folder {os.fspath(folder)!r} holds {len(others)} post-hoc EMA "
+                    f"snapshot(s) of another run (e.g. {first.path.name}, written by {who}; this "
+                    f"run is {self.run}); their names would collide and snapshot_keep "
+                    "and a reconstruction would mix the runs: give this run its own "
+                    "snapshot_folder, or move those files away"
+                )
+        self._checked.add(key)
+
+
+def _new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _as_snapshots(snapshots: Any) -> list[Snapshot]:
