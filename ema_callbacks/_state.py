@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ema_callbacks.averagers import BEMA
-from ema_callbacks.schedule import ScheduleState
+from ema_callbacks.schedule import SCHEDULE_KEYS, ScheduleState
 
 if TYPE_CHECKING:
     from ema_callbacks.controller import EMAController, EMAProfile
@@ -30,20 +29,6 @@ __all__ = ["STATE_FORMAT", "STATE_VERSION", "load_state_dict", "state_dict"]
 
 STATE_FORMAT = "ema_callbacks"
 STATE_VERSION = 1
-# The schedule options a profile may set (compared with a saved config on load).
-_SCHEDULE_KEYS = (
-    "half_life",
-    "smoothing",
-    "sigma_rel",
-    *BEMA.options,
-    "uniform",
-    "update_interval",
-    "start",
-    "warmup",
-    "warmup_gamma",
-    "warmup_power",
-    "rampup_ratio",
-)
 
 
 def _state_mapping(state: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -108,7 +93,7 @@ def _schedule_changes(ctrl: EMAController, saved: Mapping[str, Any]) -> list[str
             theirs.setdefault(str(item["name"]), item)
     changes = []
     for name, config in theirs.items():
-        for key in _SCHEDULE_KEYS:
+        for key in SCHEDULE_KEYS:
             now = mine[name].get(key)
             if key in config and config[key] != now:
                 where = "" if len(ctrl.profiles) == 1 else f"{name}."

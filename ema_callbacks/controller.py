@@ -57,9 +57,9 @@ import torch
 from torch import nn
 
 from ema_callbacks import _state
-from ema_callbacks._state import _SCHEDULE_KEYS, STATE_FORMAT, STATE_VERSION
+from ema_callbacks._state import STATE_FORMAT, STATE_VERSION
 from ema_callbacks.posthoc import SnapshotWriter
-from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update
+from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update, schedules_from_options
 from ema_callbacks.time_strings import Time, TimeUnit
 from ema_callbacks.weights import (
     BUFFER_POLICIES,
@@ -473,87 +473,28 @@ class EMAController:
         ...                                {'name': 'slow', 'smoothing': 0.999}]).names
         ['fast', 'slow']
         """
-        shared: dict[str, Any] = {
-            "update_interval": update_interval,
-            "start": start,
-            "warmup": warmup,
-            "warmup_gamma": warmup_gamma,
-            "warmup_power": warmup_power,
-            "rampup_ratio": rampup_ratio,
-        }
-        if uniform is not None and not isinstance(uniform, bool):
-            raise TypeError(f"uniform must be True or False; got {uniform!r}")
-        averaging = {
-            "half_life": half_life,
-            "smoothing": smoothing,
-            "sigma_rel": sigma_rel,
-            "ema_power": ema_power,
-            "bias_power": bias_power,
-            "lag": lag,
-            "multiplier": multiplier,
-            "min_ema_multiplier": min_ema_multiplier,
-            "uniform": uniform or None,  # False: not uniform
-        }
-        lists = {
-            k: v
-            for k, v in averaging.items()
-            if isinstance(v, (list, tuple)) and k in ("half_life", "smoothing", "sigma_rel")
-        }
-        names: list[str] | None = None
-        if profiles is not None:
-            given = {k: v for k, v in averaging.items() if v is not None}
-            if given:
-                raise ValueError(
-                    "give either profiles or the averaging options (half_life, smoothing, "
-                    "sigma_rel, the BEMA options, uniform), not both; got "
-                    f"profiles and {', '.join(f'{k}={v!r}' for k, v in given.items())}"
-                )
-            if isinstance(profiles, (str, Mapping)) or not isinstance(profiles, (list, tuple)):
-                raise TypeError(f"profiles must be a list of mappings; got {profiles!r}")
-            if not profiles:
-                raise ValueError("profiles must not be empty")
-            schedules, names = [], []
-            for i, item in enumerate(profiles):
-                if not isinstance(item, Mapping):
-                    raise TypeError(f"profiles[{i}] must be a mapping; got {item!r}")
-                unknown = sorted(set(item) - {"name", *_SCHEDULE_KEYS})
-                if unknown:
-                    raise ValueError(
-                        f"profiles[{i}] has unknown keys {unknown}; allowed: name, "
-                        + ", ".join(_SCHEDULE_KEYS)
-                    )
-                options = {**shared, **{k: v for k, v in item.items() if k != "name"}}
-                if options.get("update_interval") is None:
-                    options.pop("update_interval", None)
-                schedule = Schedule(**options)
-                schedules.append(schedule)
-                names.append(item.get("name", profile_name(schedule)))
-        elif lists:
-            if len(lists) > 1:
-                raise ValueError(
-                    "only one of half_life, smoothing and sigma_rel may be a list (one EMA per "
-                    f"element); got lists for {sorted(lists)}; use profiles=[...] to mix them"
-                )
-            ((key, values),) = lists.items()
-            if not values:
-                raise ValueError(f"{key} must not be an empty list")
-            others = {k: v for k, v in averaging.items() if k != key and v is not None}
-            if others:
-                raise ValueError(
-                    f"give exactly one of half_life, smoothing or sigma_rel; got {key}={values!r} "
-                    f"and {', '.join(f'{k}={v!r}' for k, v in others.items())}"
-                )
-            schedules = [Schedule(**{key: v}, **shared) for v in values]
-            default_names = [profile_name(sch) for sch in schedules]
-            twice = sorted({n for n in default_names if default_names.count(n) > 1})
-            if twice:
-                raise ValueError(
-                    f"{key}={values!r}: two EMAs share the name {twice[0]!r} (a repeated "
-                    "value, or values that print alike); give each a name with "
-                    f"profiles=[{{'name': 'a', {key!r}: ...}}, ...]"
-                )
-        else:
-            schedules = [Schedule(**averaging, **shared)]  # type: ignore[arg-type]
+        schedules, names = schedules_from_options(
+            {
+                "half_life": half_life,
+                "smoothing": smoothing,
+                "sigma_rel": sigma_rel,
+                "ema_power": ema_power,
+                "bias_power": bias_power,
+                "lag": lag,
+                "multiplier": multiplier,
+                "min_ema_multiplier": min_ema_multiplier,
+                "uniform": uniform,
+            },
+            {
+                "update_interval": update_interval,
+                "start": start,
+                "warmup": warmup,
+                "warmup_gamma": warmup_gamma,
+                "warmup_power": warmup_power,
+                "rampup_ratio": rampup_ratio,
+            },
+            profiles,
+        )
         return cls(
             schedules,
             names=names,

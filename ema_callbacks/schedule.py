@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ema_callbacks.averagers import (
+    BEMA,
     SIGMA_REL_MIN,  # noqa: F401 (re-exported: schedule's name before averagers existed)
     WARMUPS,  # noqa: F401
     Averager,
@@ -50,6 +51,7 @@ from ema_callbacks.time_strings import Time, TimeUnit
 __all__ = [
     "Clock",
     "Schedule",
+    "SCHEDULE_KEYS",
     "ScheduleState",
     "debiased_weight",
     "gamma_to_sigma_rel",
@@ -61,6 +63,22 @@ __all__ = [
     "tf_dynamic_smoothing",
 ]
 
+
+#: The schedule options a profile may set (``profiles=[{...}]``), also compared with a saved
+#: config when a state is loaded.
+SCHEDULE_KEYS = (
+    "half_life",
+    "smoothing",
+    "sigma_rel",
+    *BEMA.options,
+    "uniform",
+    "update_interval",
+    "start",
+    "warmup",
+    "warmup_gamma",
+    "warmup_power",
+    "rampup_ratio",
+)
 
 # ---------------------------------------------------------------------------------------------
 # Clock and schedule
@@ -461,3 +479,93 @@ class Schedule:
         """Record that a due update was skipped (non-finite weights); time is not advanced, so
         the next update's smoothing covers the skipped progress."""
         state.num_skipped += 1
+
+
+def schedules_from_options(
+    averaging: Mapping[str, Any],
+    shared: Mapping[str, Any],
+    profiles: Sequence[Mapping[str, Any]] | None = None,
+) -> tuple[list[Schedule], list[str] | None]:
+    """The schedules of one or several EMAs, from the plain options every entry point takes,
+    and their names where ``profiles`` gives them (None: each schedule's default name).
+
+    ``averaging`` holds the averaging options (``half_life``, ``smoothing``, ``sigma_rel``, the
+    BEMA options, ``uniform``; None or False when not given), ``shared`` the other schedule
+    options. Several EMAs: a list for one of ``half_life``, ``smoothing`` or ``sigma_rel``
+    (the shared options apply to each), or ``profiles``, a list of mappings that each override
+    the shared options (:data:`SCHEDULE_KEYS`) and may carry a ``name``. A pure function: every
+    rule is checked here and broken ones raise ``ValueError`` / ``TypeError`` naming the option.
+
+    >>> schedules, names = schedules_from_options({'half_life': ['10ba', '100ba']}, {'start': '5ba'})
+    >>> [s.describe() for s in schedules], [str(s.start) for s in schedules], names
+    (['half_life=10ba', 'half_life=100ba'], ['5ba', '5ba'], None)
+    >>> schedules_from_options({'half_life': '10ba'}, {}, [{'name': 'fast', 'smoothing': 0.9}])
+    Traceback (most recent call last):
+    ...
+    ValueError: give either profiles or the averaging options (half_life, smoothing, sigma_rel, the BEMA options, uniform), not both; got profiles and half_life='10ba'
+    """
+    uniform = averaging.get("uniform")
+    if uniform is not None and not isinstance(uniform, bool):
+        raise TypeError(f"uniform must be True or False; got {uniform!r}")
+    averaging = {**averaging, "uniform": uniform or None}  # False: not uniform
+    lists = {
+        k: v
+        for k, v in averaging.items()
+        if isinstance(v, (list, tuple)) and k in ("half_life", "smoothing", "sigma_rel")
+    }
+    names: list[str] | None = None
+    if profiles is not None:
+        given = {k: v for k, v in averaging.items() if v is not None}
+        if given:
+            raise ValueError(
+                "give either profiles or the averaging options (half_life, smoothing, "
+                "sigma_rel, the BEMA options, uniform), not both; got "
+                f"profiles and {', '.join(f'{k}={v!r}' for k, v in given.items())}"
+            )
+        if isinstance(profiles, (str, Mapping)) or not isinstance(profiles, (list, tuple)):
+            raise TypeError(f"profiles must be a list of mappings; got {profiles!r}")
+        if not profiles:
+            raise ValueError("profiles must not be empty")
+        schedules, names = [], []
+        for i, item in enumerate(profiles):
+            if not isinstance(item, Mapping):
+                raise TypeError(f"profiles[{i}] must be a mapping; got {item!r}")
+            unknown = sorted(set(item) - {"name", *SCHEDULE_KEYS})
+            if unknown:
+                raise ValueError(
+                    f"profiles[{i}] has unknown keys {unknown}; allowed: name, "
+                    + ", ".join(SCHEDULE_KEYS)
+                )
+            options = {**shared, **{k: v for k, v in item.items() if k != "name"}}
+            if options.get("update_interval") is None:
+                options.pop("update_interval", None)
+            schedule = Schedule(**options)
+            schedules.append(schedule)
+            names.append(item.get("name", schedule.averager.default_name()))
+    elif lists:
+        if len(lists) > 1:
+            raise ValueError(
+                "only one of half_life, smoothing and sigma_rel may be a list (one EMA per "
+                f"element); got lists for {sorted(lists)}; use profiles=[...] to mix them"
+            )
+        ((key, values),) = lists.items()
+        if not values:
+            raise ValueError(f"{key} must not be an empty list")
+        others = {k: v for k, v in averaging.items() if k != key and v is not None}
+        if others:
+            raise ValueError(
+                f"give exactly one of half_life, smoothing or sigma_rel; got {key}={values!r} "
+                f"and {', '.join(f'{k}={v!r}' for k, v in others.items())}"
+            )
+        schedules = [Schedule(**{key: v}, **shared) for v in values]
+        default_names = [sch.averager.default_name() for sch in schedules]
+        twice = sorted({n for n in default_names if default_names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"{key}={values!r}: two EMAs share the name {twice[0]!r} (a repeated "
+                "value, or values that print alike); give each a name with "
+                f"profiles=[{{'name': 'a', {key!r}: ...}}, ...]"
+            )
+    else:
+        schedules = [Schedule(**averaging, **shared)]  # type: ignore[arg-type]
+    return schedules, names
