@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ema_callbacks._sharding import DTensorShards, Sharding, sharding_of
 from ema_callbacks._update import lerp_, update_together_
 
 __all__ = [
@@ -176,38 +177,6 @@ def _as_dtype(value: str | torch.dtype | None, name: str = "dtype") -> torch.dty
     raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None; got {value!r}")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local tensor of a DTensor (FSDP2 shard), the tensor itself otherwise."""
-    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def _is_zero3(t: Any) -> bool:
-    """Whether ``t`` is a DeepSpeed ZeRO-3 parameter, whose values on this rank are the flat
-    partition ``t.ds_tensor`` (a view into DeepSpeed's flat buffer, written by the optimizer).
-    The module's tensor is an empty placeholder, or for a persistent parameter (``ds_persist``)
-    a whole copy that DeepSpeed gathers from the partitions; the EMA averages the partition."""
-    return getattr(t, "ds_tensor", None) is not None
-
-
-def _zero3_partition(param: Any, value: torch.Tensor) -> torch.Tensor:
-    """This rank's ZeRO-3 partition of a full value of ``param``: DeepSpeed's rule
-    (``partition_parameters.py``, ``_partition_param``) flattens the tensor, pads it with zeros
-    to a multiple of the partition world size and gives rank ``r`` chunk ``r``."""
-    import torch.distributed as dist
-
-    group = getattr(param, "ds_process_group", None)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    size = param.ds_tensor.numel()
-    flat = value.reshape(-1)
-    if size * world > flat.numel():
-        flat = torch.cat([flat, flat.new_zeros(size * world - flat.numel())])
-    return flat[rank * size : (rank + 1) * size]
-
-
 def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     """The FSDP2 (``fully_shard``) modules in ``model``; empty without FSDP2."""
     try:
@@ -238,24 +207,20 @@ class _Group:
         # extra buffer of the averaged tensors (EMAWeights.extra), aligned with ``entries``.
         self.targets = shadows
         self.extra: dict[str, list[torch.Tensor]] = {}
-        self.params = (
-            [e.owner._parameters[e.attr] for e in entries] if entries[0].is_param else None
-        )
-        # DeepSpeed ZeRO-3: the source is the rank's partition (read anew each update: the
-        # optimizer may re-point ``ds_tensor``), never the empty placeholder.
-        self.zero3 = [_is_zero3(p) for p in self.params] if self.params is not None else []
-        # The tensors the model holds (parameters or buffers), and for plain ones the sources
-        # of every update cached here as detached aliases of the same storage (a multi-tensor
-        # kernel reads plain tensors faster than Parameter objects: ~0.25 us a tensor on CPU).
-        # A ``.data`` reassignment changes the parameter's storage address, which
-        # :meth:`EMAWeights._check_live` compares with ``ptrs`` before every update and swap:
-        # the EMA then re-binds (new aliases) or refuses another shape. FSDP2 (DTensor) and
-        # ZeRO-3 sources are local views that the wrapper may re-point: read anew each time.
+        # The tensors the model holds (parameters or buffers), their layouts across ranks, and
+        # for plain ones the sources of every update cached here as detached aliases of the same
+        # storage (a multi-tensor kernel reads plain tensors faster than Parameter objects:
+        # ~0.25 us a tensor on CPU). A ``.data`` reassignment changes the parameter's storage
+        # address, which :meth:`EMAWeights._check_live` compares with ``ptrs`` before every
+        # update and swap: the EMA then re-binds (new aliases) or refuses another shape. Sharded
+        # sources (FSDP2 shards, ZeRO-3 partitions) are local views that the wrapper may
+        # re-point (``Sharding.dynamic``): read anew each time.
         self.live: list[torch.Tensor] = [
             e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]  # type: ignore[misc]
             for e in entries
         ]
-        dynamic = any(self.zero3) or any(_is_dtensor(t) for t in self.live)
+        self.shardings = [sharding_of(t) for t in self.live]
+        dynamic = any(s.dynamic for s in self.shardings)
         self.cached: list[torch.Tensor] | None = None if dynamic else self.live
         self.ptrs: list[int] = [] if dynamic else [t.data_ptr() for t in self.live]
         self.aliases: list[torch.Tensor] | None = None
@@ -268,12 +233,7 @@ class _Group:
     def sources(self) -> list[torch.Tensor]:
         if self.aliases is not None:
             return self.aliases
-        if self.params is not None:
-            return [
-                p.ds_tensor if z else _local(p.data)  # type: ignore[union-attr]
-                for p, z in zip(self.params, self.zero3, strict=True)
-            ]
-        return [_local(e.owner._buffers[e.attr]) for e in self.entries]  # type: ignore[arg-type]
+        return [s.local(t) for s, t in zip(self.shardings, self.live, strict=True)]
 
 
 class EMAWeights:
@@ -383,11 +343,9 @@ class EMAWeights:
         self._backup: dict[str, torch.Tensor] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._scratch_numel = _SCRATCH_MIN
-        # FSDP2 / DTensor weights: (mesh, placements, global shape, global stride) by name. The
-        # shadow holds the rank-local shard only; these rebuild the global view on export.
-        self._dtensor_specs: dict[
-            str, tuple[Any, tuple[Any, ...], torch.Size, tuple[int, ...]]
-        ] = {}
+        # How each tracked tensor is laid out across ranks, by name (set by bind): the shadow
+        # holds the rank-local part; these gather, slice and view it.
+        self._shardings: dict[str, Sharding] = {}
 
         self._check_patterns(model)
         entries = self._select(model)
@@ -524,9 +482,7 @@ class EMAWeights:
     def _source_of(e: _Entry) -> torch.Tensor:
         t = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
         assert t is not None
-        if e.is_param and _is_zero3(t):
-            return t.ds_tensor  # type: ignore[attr-defined,no-any-return]
-        return _local(t.data if e.is_param else t)
+        return sharding_of(t).local(t)
 
     def _shadow_dtype(self, src: torch.Tensor) -> torch.dtype:
         if self.dtype is not None and (src.is_floating_point() or src.is_complex()):
@@ -569,16 +525,6 @@ class EMAWeights:
         self._aliases, self._alias_model_names = self._find_aliases(model, entries)
         self._bound = model
         self._fsdp2 = _fsdp2_modules(unwrap_model(model))
-        self._dtensor_specs = {}
-        for e in entries:
-            live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
-            if live is not None and _is_dtensor(live):
-                self._dtensor_specs[e.name] = (
-                    live.device_mesh,  # type: ignore[attr-defined]
-                    tuple(live.placements),  # type: ignore[attr-defined]
-                    live.shape,
-                    live.stride(),
-                )
         groups: dict[tuple[Any, ...], list[_Entry]] = {}
         for e in entries:
             src, sh = self._source_of(e), self.shadow[e.name]
@@ -609,10 +555,10 @@ class EMAWeights:
         self._scratch.clear()
         # The evaluation swap, prepared once: parameters and buffers whose storage is exchanged
         # (with an alias of the training storage to put back) and the entries copied instead.
-        self._live = {
-            e.name: t
-            for g in (*self._groups, *self._mixed, *self._copies)
-            for e, t in zip(g.entries, g.live, strict=True)
+        every = (*self._groups, *self._mixed, *self._copies)
+        self._live = {e.name: t for g in every for e, t in zip(g.entries, g.live, strict=True)}
+        self._shardings = {
+            e.name: s for g in every for e, s in zip(g.entries, g.shardings, strict=True)
         }
         self._swap_params: list[tuple[str, nn.Parameter, torch.Tensor]] = []
         self._swap_buffers: list[tuple[str, dict[str, Any], str, torch.Tensor]] = []
@@ -660,7 +606,7 @@ class EMAWeights:
                     f"{kind} {e.model_name!r} was removed from the model during training (it is "
                     "None now); the EMA tracks it: restore it, or build a new EMA"
                 )
-            shape = _local(now).shape if not _is_zero3(now) else now.ds_tensor.shape  # type: ignore[attr-defined]
+            shape = sharding_of(now).local(now).shape
             if tuple(shape) != tuple(sh.shape):
                 raise ValueError(
                     f"{kind} {e.model_name!r} was replaced or resized during training: the model "
@@ -780,14 +726,12 @@ class EMAWeights:
 
     def _swappable(self, e: _Entry) -> bool:
         src, sh = self._source_of(e), self.shadow[e.name]
-        live = e.owner._parameters[e.attr] if e.is_param else src
-        # ZeRO-3: ``ds_tensor`` is a view into DeepSpeed's flat partition buffer; exchanging its
-        # storage would detach it from that buffer, so the EMA partition is copied in instead.
+        # A sharded source (an FSDP2 shard, a ZeRO-3 partition) is a view into the wrapper's
+        # buffers; exchanging its storage would detach it from them: the EMA part is copied in.
         return (
             src.dtype == sh.dtype
             and src.device == sh.device
-            and not _is_dtensor(live)  # type: ignore[arg-type]
-            and not _is_zero3(live)
+            and not self._shardings[e.name].dynamic
         )
 
     @torch.no_grad()
@@ -1000,7 +944,7 @@ class EMAWeights:
                 f"saved training weights do not match the model: missing {missing}, unexpected {unexpected}"
             )
         for e in self._entries:
-            self._source_of(e).copy_(self._local_part(e.name, state[e.name]))
+            self._source_of(e).copy_(self._shardings[e.name].local_part(state[e.name]))
 
     # -- view -----------------------------------------------------------------------------
 
@@ -1065,77 +1009,22 @@ class EMAWeights:
     @property
     def is_sharded(self) -> bool:
         """Whether any tracked weight is a DTensor (FSDP2): the shadow then holds local shards."""
-        return bool(self._dtensor_specs)
+        return any(isinstance(s, DTensorShards) for s in self._shardings.values())
 
     def sharded_state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow as DTensors over the local shards (no copy, no communication), for
         ``torch.distributed.checkpoint.save``/``load``: loading writes into the shadow in place.
         Unsharded entries are plain tensors, and so are DeepSpeed ZeRO-3 partitions (flat,
         rank-local: save them per rank, or use :meth:`full_state_dict`)."""
-        from torch.distributed.tensor import DTensor
-
         self.synchronize()
-        out: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            spec = self._dtensor_specs.get(name)
-            if spec is None:
-                out[name] = self.shadow[name]
-            else:
-                mesh, placements, shape, stride = spec
-                out[name] = DTensor.from_local(
-                    self.shadow[name], mesh, placements, run_check=False, shape=shape, stride=stride
-                )
-        return out
+        return {name: self._shardings[name].global_view(self.shadow[name]) for name in self.names}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole (unsharded) EMA on every rank: the one place sharded weights are gathered
         (one all-gather per sharded tensor: FSDP2 DTensor or DeepSpeed ZeRO-3 partition; every
         rank must call it). For export; never called by updates or swaps."""
-        out: dict[str, torch.Tensor] = {}
-        for name, value in self.sharded_state_dict().items():
-            out[name] = value.full_tensor() if _is_dtensor(value) else value  # type: ignore[attr-defined]
-        for e in self._entries:
-            param = e.owner._parameters[e.attr] if e.is_param else None
-            if param is not None and _is_zero3(param):
-                out[e.name] = self._zero3_gather(param, out[e.name])
-        return out
-
-    @staticmethod
-    def _zero3_gather(param: Any, part: torch.Tensor) -> torch.Tensor:
-        """The full tensor from every rank's ZeRO-3 partition ``part`` of ``param``: one
-        all-gather over the parameter's process group, then padding trimmed, shape restored."""
-        import torch.distributed as dist
-
-        group = getattr(param, "ds_process_group", None)
-        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, part.contiguous(), group=group)
-        full = torch.cat(parts)[: int(param.ds_numel)]
-        return full.view(tuple(param.ds_shape))
-
-    def _local_part(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """The rank-local part of a saved value: a DTensor's local tensor, the local slice of a
-        full (gathered) tensor for a sharded entry, the value itself otherwise."""
-        if _is_dtensor(value):
-            return value.to_local()  # type: ignore[attr-defined]
-        shadow = self.shadow.get(name)
-        if shadow is not None and tuple(value.shape) != tuple(shadow.shape):
-            for e in self._entries:  # a full tensor for a ZeRO-3 partition: this rank's slice
-                param = e.owner._parameters[e.attr] if e.is_param and e.name == name else None
-                if param is not None and _is_zero3(param):
-                    if value.numel() != int(getattr(param, "ds_numel", -1)):
-                        return value  # wrong (the caller reports the shape mismatch)
-                    return _zero3_partition(param, value)
-        spec = self._dtensor_specs.get(name)
-        if spec is None:
-            return value
-        mesh, placements, shape, _ = spec
-        if tuple(value.shape) != tuple(shape):
-            return value  # already local, or wrong (the caller reports the shape mismatch)
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-        index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
-        return value[index]
+        self.synchronize()
+        return {name: self._shardings[name].full(self.shadow[name]) for name in self.names}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
@@ -1155,7 +1044,7 @@ class EMAWeights:
             if name not in self.shadow:
                 continue
             target = self.shadow[name]
-            local = self._local_part(name, value)
+            local = self._shardings[name].local_part(value)
             if tuple(local.shape) != tuple(target.shape):
                 raise ValueError(
                     f"EMA state for {name!r} has shape {tuple(value.shape)}; expected {tuple(target.shape)}"
@@ -1188,7 +1077,7 @@ class EMAWeights:
                     f"{sorted(set(saved) - set(tensors))}"
                 )
             for name, target in tensors.items():
-                local = self._local_part(name, saved[name])
+                local = self._shardings[name].local_part(saved[name])
                 if tuple(local.shape) != tuple(target.shape):
                     raise ValueError(
                         f"the EMA state's buffer {buffer!r} for {name!r} has shape "
