@@ -268,7 +268,8 @@ class EMAController:
     # Over 300 lines on purpose: this is the one object every adapter talks to (events, the
     # evaluation plan via activate/ema_weights, snapshots, state), so each trainer needs only
     # its clock and hook map. What it delegates: the averaging rule (averagers), the schedule
-    # (schedule), the tensors (weights, _update), the serialization (_state), the option table
+    # and its parsing from options (schedule), the tensors (weights, _update, _sharding), the
+    # snapshot files (posthoc.SnapshotWriter), the serialization (_state), the option table
     # (options). Most of its length is validation messages and docstrings with examples.
 
     def __init__(

@@ -74,6 +74,17 @@ def _raw_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
     return raw  # type: ignore[no-any-return]
 
 
+def _sources(group: Any) -> list[torch.Tensor]:
+    """The tensors the model holds (the parameters the optimizer writes), not the detached
+    aliases the eager update reads: an alias is a second graph input on the same storage as a
+    mutated parameter, and AOTAutograd then merges them into a synthetic base and reads each
+    weight through a view, which keeps Inductor from folding the lerp into the optimizer's loop
+    (measured: ~10 ms of the 20 x 1M float32 AdamW step, against ~0 without). Sharded (FSDP2,
+    ZeRO-3) sources are read anew, as for :meth:`EMA.step`."""
+    cached: list[torch.Tensor] | None = group.cached
+    return cached if cached is not None else group.sources()  # type: ignore[no-any-return]
+
+
 class FusedStep:
     """``optimizer.step()`` and the EMA's due update as one call (one compiled function with
     ``compile=True``); counts as one :meth:`EMA.step`. Build it with :meth:`EMA.fused_step`.
@@ -147,7 +158,7 @@ class FusedStep:
             ):
                 for group, own in zip(groups, mine, strict=True):
                     targets_in.append(own.targets if kind != "copy" else own.shadows)
-                    sources_in.append(group.sources())
+                    sources_in.append(_sources(group))
                     if kind == "copy" or u.initialise:
                         plan.append(("copy", None))
                         continue

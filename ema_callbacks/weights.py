@@ -277,7 +277,8 @@ class EMAWeights:
     # Over 300 lines on purpose: selection, binding, swap, view and state all work on the same
     # prepared groups of tensors (built once in bind), which is what makes the update one fused
     # call and the swap O(1); splitting them would mean passing those groups around. The
-    # update maths live in _update (functions the fused step can call).
+    # update maths live in _update, the differences between plain, FSDP2 and ZeRO-3 tensors
+    # behind _sharding's interface.
 
     def __init__(
         self,
