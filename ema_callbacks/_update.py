@@ -195,7 +195,6 @@ def plan_batches(
     return plan
 
 
-@torch.no_grad()
 def update_together_(
     weights: Sequence[EMAWeights], factors: Sequence[float], model: nn.Module | None = None
 ) -> bool:
@@ -219,6 +218,9 @@ def update_together_(
     >>> round(float((fast.shadow['weight'] - slow.shadow['weight']).mean()), 4)
     0.4
     """
+    if torch.is_grad_enabled():  # (the decorator's cost, paid only when grad is on)
+        with torch.no_grad():
+            return update_together_(weights, factors, model)
     from ema_callbacks.weights import _GENERATION, _STREAMED, EMAWeights, NonFiniteWeightsError
 
     weights = list(weights)

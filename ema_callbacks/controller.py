@@ -272,6 +272,8 @@ class EMAController:
     # snapshot files (posthoc.SnapshotWriter), the serialization (_state), the option table
     # (options). Most of its length is validation messages and docstrings with examples.
 
+    _units: frozenset[TimeUnit] | None = None  # see units
+
     def __init__(
         self,
         schedule: Schedule | Sequence[Schedule],
@@ -558,14 +560,14 @@ class EMAController:
         raise KeyError(f"no EMA profile named {name!r}; the profiles are {self.names}")
 
     @property
-    def units(self) -> set[TimeUnit]:
+    def units(self) -> frozenset[TimeUnit]:
         """Every unit the clock must count, for every profile and the snapshot interval."""
-        units: set[TimeUnit] = set()
-        for p in self.profiles:
-            units |= p.schedule.units
-        if self.snapshot_schedule is not None:
-            units |= self.snapshot_schedule.units
-        return units
+        if self._units is None:  # fixed at construction; asked on every step
+            units = frozenset().union(*(p.schedule.units for p in self.profiles))
+            if self.snapshot_schedule is not None:
+                units |= self.snapshot_schedule.units
+            self._units = units
+        return self._units
 
     @property
     def started(self) -> bool:
