@@ -6,7 +6,6 @@ batch, evaluation on the average, several averages as profiles, BatchNorm statis
 from __future__ import annotations
 
 import copy
-import math
 import os
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn as swa_update_bn
 
 from ema_callbacks.weights import normalize_name
+from tests.averager_reference import BEMA_DEFAULTS, ReferenceBEMA, ReferenceUniform, due
 
 pytestmark = [
     pytest.mark.composer,
@@ -30,72 +30,10 @@ pytestmark = [
 
 N = 12
 Tensors = dict[str, torch.Tensor]
-BEMA_DEFAULTS: dict[str, float] = {
-    "ema_power": 0.5,
-    "bias_power": 0.2,
-    "lag": 10.0,
-    "multiplier": 1.0,
-    "min_ema_multiplier": 0.0,
-}
 BN = ("1.running_mean", "1.running_var")  # the BatchNorm1d statistics, by normalised name
 
 
-# -- references --------------------------------------------------------------------------------
-
-
-def due(step: int, interval: int, start: int) -> bool:
-    """The first update at the first step at or after ``start`` by which an interval multiple
-    has been crossed, then at every multiple."""
-    first = max(start, interval)
-    return step == first or (step > first and step % interval == 0)
-
-
-def as64(tensors: Tensors) -> Tensors:
-    return {k: v.detach().double().clone() for k, v in tensors.items()}
-
-
-class ReferenceBEMA:
-    """BEMA in float64: a copy at the first update (step s0), then at step s, t = s - s0,
-    beta = max((lag + multiplier*t) ** -ema_power, min_ema_multiplier),
-    ema = (1 - beta) * ema + beta * theta, evaluated = ema + (lag + multiplier*t) ** -bias_power
-    * (theta - theta0)."""
-
-    def __init__(self, **options: float) -> None:
-        o = {**BEMA_DEFAULTS, **options}
-        self.ema_power, self.bias_power = o["ema_power"], o["bias_power"]
-        self.lag, self.multiplier = o["lag"], o["multiplier"]
-        self.min_ema_multiplier = o["min_ema_multiplier"]
-        self.s0: int | None = None
-        self.theta0: Tensors = {}
-        self.ema: Tensors = {}
-        self.evaluated: Tensors = {}
-
-    def update(self, step: int, theta: Tensors) -> None:
-        theta = as64(theta)
-        if self.s0 is None:
-            self.s0, self.theta0, self.ema = step, theta, dict(theta)
-            self.evaluated = dict(theta)
-            return
-        base = self.lag + self.multiplier * (step - self.s0)
-        beta = max(base**-self.ema_power, self.min_ema_multiplier)
-        alpha = 0.0 if math.isinf(self.bias_power) else base**-self.bias_power
-        for k, v in theta.items():
-            self.ema[k] = (1 - beta) * self.ema[k] + beta * v
-            self.evaluated[k] = self.ema[k] + alpha * (v - self.theta0[k])
-
-
-class ReferenceUniform:
-    """The plain mean of every weight seen at an update (the initialising copy included)."""
-
-    def __init__(self) -> None:
-        self.seen: list[Tensors] = []
-
-    def update(self, step: int, theta: Tensors) -> None:
-        self.seen.append(as64(theta))
-
-    @property
-    def evaluated(self) -> Tensors:
-        return {k: torch.stack([w[k] for w in self.seen]).mean(0) for k in self.seen[0]}
+# -- comparisons and the BatchNorm reference ---------------------------------------------------
 
 
 def assert_close(got: Tensors | None, expected: Tensors, where: Any = "") -> None:

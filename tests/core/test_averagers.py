@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import pytest
@@ -13,14 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.optim.swa_utils import update_bn as swa_update_bn
 
 from ema_callbacks import EMA
-
-BEMA_DEFAULTS: dict[str, float] = {
-    "ema_power": 0.5,
-    "bias_power": 0.2,
-    "lag": 10.0,
-    "multiplier": 1.0,
-    "min_ema_multiplier": 0.0,
-}
+from tests.averager_reference import BEMA_DEFAULTS, ReferenceBEMA, ReferenceUniform, due
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -60,69 +52,8 @@ def params64(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().double().clone() for k, p in model.named_parameters()}
 
 
-def due(step: int, interval: int, start: int) -> bool:
-    """The documented rule (docs/composer.md): the first update is at the first step at or
-    after ``start`` by which an interval multiple has been crossed, then at every multiple."""
-    first = max(start, interval)
-    return step == first or (step > first and step % interval == 0)
-
-
 def clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in tensors.items()}
-
-
-class ReferenceBEMA:
-    """BEMA written out in float64: copy at the first update, then
-    beta = max((lag + multiplier*t) ** -ema_power, min_ema_multiplier),
-    ema = (1 - beta) * ema + beta * theta, evaluated = ema + (lag + multiplier*t) ** -bias_power
-    * (theta - theta0)."""
-
-    def __init__(
-        self,
-        ema_power: float,
-        bias_power: float,
-        lag: float,
-        multiplier: float,
-        min_ema_multiplier: float,
-    ) -> None:
-        self.ema_power = ema_power
-        self.bias_power = bias_power
-        self.lag = lag
-        self.multiplier = multiplier
-        self.min_ema_multiplier = min_ema_multiplier
-        self.s0: int | None = None
-        self.theta0: dict[str, torch.Tensor] = {}
-        self.ema: dict[str, torch.Tensor] = {}
-        self.evaluated: dict[str, torch.Tensor] = {}
-
-    def update(self, step: int, theta: dict[str, torch.Tensor]) -> None:
-        if self.s0 is None:
-            self.s0 = step
-            self.theta0 = clone(theta)
-            self.ema = clone(theta)
-            self.evaluated = clone(theta)
-            return
-        t = step - self.s0
-        base = self.lag + self.multiplier * t
-        beta = max(base**-self.ema_power, self.min_ema_multiplier)
-        alpha = 0.0 if math.isinf(self.bias_power) else base**-self.bias_power
-        for k, v in theta.items():
-            self.ema[k] = (1 - beta) * self.ema[k] + beta * v
-            self.evaluated[k] = self.ema[k] + alpha * (v - self.theta0[k])
-
-
-class ReferenceUniform:
-    """The plain mean of every weight seen at an update (the initialising copy included)."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, torch.Tensor]] = []
-
-    def update(self, step: int, theta: dict[str, torch.Tensor]) -> None:
-        self.seen.append(clone(theta))
-
-    @property
-    def evaluated(self) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([w[k] for w in self.seen]).mean(0) for k in self.seen[0]}
 
 
 def assert_matches(
@@ -158,7 +89,7 @@ def test_bema_matches_reference_every_step(
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(model, **options, update_interval=f"{interval}ba", start=f"{start}ba")
-    ref = ReferenceBEMA(**{**BEMA_DEFAULTS, **options})
+    ref = ReferenceBEMA(**options)
     for step, (x, y) in enumerate(make_data(30), start=1):
         train_step(model, opt, x, y)
         is_due = due(step, interval, start)
@@ -185,7 +116,7 @@ def test_any_single_bema_option_selects_bema_with_trl_defaults(option: str, valu
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(model, **{option: value})
     assert len(ema.profiles) == 1 and ema.profiles[0].startswith("bema")
-    ref = ReferenceBEMA(**{**BEMA_DEFAULTS, option: value})
+    ref = ReferenceBEMA(**{option: value})
     for step, (x, y) in enumerate(make_data(20), start=1):
         train_step(model, opt, x, y)
         assert ema.step(model)

@@ -21,84 +21,11 @@ from torch.optim.swa_utils import update_bn as swa_update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ema_callbacks.lightning import EMACallback
+from tests.averager_reference import ReferenceBEMA, ReferenceUniform, clone64, due
 from tests.lightning.lightning_helpers import QUIET, StepRecorder, fit, shadow
 from tests.lightning.lightning_tiny import TinyData, TinyRegression, ValBatches
 
-BEMA_DEFAULTS: dict[str, float] = {
-    "ema_power": 0.5,
-    "bias_power": 0.2,
-    "lag": 10.0,
-    "multiplier": 1.0,
-    "min_ema_multiplier": 0.0,
-}
-BEMA_KEYS = tuple(BEMA_DEFAULTS)
-
 State = dict[str, torch.Tensor]
-
-
-def due(step: int, interval: int, start: int) -> bool:
-    """The first update at the first step at or after ``start`` by which a multiple of the
-    interval was crossed, then at every multiple."""
-    first = max(start, interval)
-    return step == first or (step > first and step % interval == 0)
-
-
-def clone64(state: State) -> State:
-    return {
-        k: v.detach().double().clone() if v.is_floating_point() else v.clone()
-        for k, v in state.items()
-    }
-
-
-class ReferenceBEMA:
-    """BEMA in float64 over every floating tensor (integer tensors follow the weights): a copy
-    at the first due update (step s0), then with t = s - s0,
-    ``beta = max((lag + multiplier*t) ** -ema_power, min_ema_multiplier)``,
-    ``ema = (1 - beta) * ema + beta * theta``,
-    ``evaluated = ema + (lag + multiplier*t) ** -bias_power * (theta - theta0)``."""
-
-    def __init__(self, **options: float) -> None:
-        o = {**BEMA_DEFAULTS, **options}
-        self.ema_power, self.bias_power = o["ema_power"], o["bias_power"]
-        self.lag, self.multiplier = o["lag"], o["multiplier"]
-        self.floor = o["min_ema_multiplier"]
-        self.s0: int | None = None
-        self.theta0: State = {}
-        self.ema: State = {}
-        self.evaluated: State = {}
-
-    def update(self, step: int, theta: State) -> None:
-        theta = clone64(theta)
-        if self.s0 is None:
-            self.s0, self.theta0, self.ema, self.evaluated = step, theta, dict(theta), dict(theta)
-            return
-        base = self.lag + self.multiplier * (step - self.s0)
-        beta = max(base**-self.ema_power, self.floor)
-        alpha = base**-self.bias_power
-        for k, v in theta.items():
-            if not v.is_floating_point():
-                self.evaluated[k] = v
-                continue
-            self.ema[k] = (1 - beta) * self.ema[k] + beta * v
-            self.evaluated[k] = self.ema[k] + alpha * (v - self.theta0[k])
-
-
-class ReferenceUniform:
-    """The mean of the weights seen at the due updates (integer tensors follow the weights)."""
-
-    def __init__(self) -> None:
-        self.seen: list[State] = []
-
-    def update(self, step: int, theta: State) -> None:
-        self.seen.append(clone64(theta))
-
-    @property
-    def evaluated(self) -> State:
-        last = self.seen[-1]
-        return {
-            k: torch.stack([w[k] for w in self.seen]).mean(0) if v.is_floating_point() else v
-            for k, v in last.items()
-        }
 
 
 def references(

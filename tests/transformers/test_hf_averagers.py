@@ -27,52 +27,10 @@ from torch.optim.swa_utils import update_bn as swa_update_bn
 from transformers import Trainer
 
 from ema_callbacks.transformers import EMATrainerCallback, load_ema_state
+from tests.averager_reference import BEMA_DEFAULTS, due_steps, reference_bema, reference_uniform
 
 EVAL = TinyData(8, seed=5)  # what hf_tiny.trainer evaluates on: one batch of 8
-BEMA_DEFAULTS: dict[str, float] = {
-    "ema_power": 0.5,
-    "bias_power": 0.2,
-    "lag": 10.0,
-    "multiplier": 1.0,
-    "min_ema_multiplier": 0.0,
-}
 Weights = dict[str, torch.Tensor]
-
-
-# -- references ---------------------------------------------------------------------------------
-
-
-def due_steps(steps: Any, interval: int, start: int) -> list[int]:
-    """The documented rule: the first update at the first step at or after ``start`` by which a
-    multiple of ``interval`` was crossed, then at every multiple."""
-    first = max(start, interval)
-    return [s for s in sorted(steps) if s == first or (s > first and s % interval == 0)]
-
-
-def reference_bema(
-    steps: dict[int, Weights], due: list[int], **options: float
-) -> tuple[Weights, Weights, Weights]:
-    """(evaluated, ema, theta0) in float64: a copy at the first due step s0, then at each due
-    step s, t = s - s0, base = lag + multiplier*t, beta = max(base**-ema_power, min),
-    ema = (1 - beta) ema + beta theta, evaluated = ema + base**-bias_power (theta - theta0)."""
-    o = {**BEMA_DEFAULTS, **options}
-    s0 = due[0]
-    theta0 = {k: v.double() for k, v in steps[s0].items()}
-    ema = dict(theta0)
-    evaluated = dict(theta0)
-    for s in due[1:]:
-        base = o["lag"] + o["multiplier"] * (s - s0)
-        beta = max(base ** -o["ema_power"], o["min_ema_multiplier"])
-        alpha = base ** -o["bias_power"]
-        theta = {k: v.double() for k, v in steps[s].items()}
-        ema = {k: (1 - beta) * ema[k] + beta * theta[k] for k in ema}
-        evaluated = {k: ema[k] + alpha * (theta[k] - theta0[k]) for k in ema}
-    return evaluated, ema, theta0
-
-
-def reference_uniform(steps: dict[int, Weights], due: list[int]) -> Weights:
-    """The plain mean of the weights at every due step (the initialising copy included)."""
-    return {k: torch.stack([steps[s][k].double() for s in due]).mean(0) for k in steps[due[0]]}
 
 
 def evaluate_by_hand(weights: Weights) -> float:
