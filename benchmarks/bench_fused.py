@@ -8,8 +8,10 @@ Models: 20 tensors of 1M float32, and 20 bf16 tensors of 1M with a float32 shado
 ``--repeats`` of the median of ``--rounds`` calls, each call after a 128 MiB write (cold caches,
 as after a backward pass): eager AdamW; eager AdamW + ``EMA.step``; ``torch.compile``d AdamW
 (PyTorch's recipe); compiled AdamW + ``EMA.step``; ``EMA.fused_step``; and eager AdamW with the
-peers' EMAs where installed (timm ``ModelEmaV3``). The EMA's marginal cost: a row minus its
-optimizer alone; the fused one against the separate update after the compiled optimizer.
+peers' EMAs where installed (timm ``ModelEmaV3``). The EMA's marginal cost: the median over
+every round of a row's time minus its optimizer alone's in the same round (paired: this shared
+machine's speed drifts by several times between rounds, which a difference of two separate
+minima does not cancel); the fused one against the separate update after the compiled optimizer.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_api import measure  # the same interleaved, cache-flushed timing
+from bench_api import _FLUSH  # the same 128 MiB cache flush
 from torch import nn
 
 DECAY = 0.999
@@ -73,6 +77,35 @@ def rows(dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
     return out
 
 
+def measure(
+    fns: dict[str, Callable[[], Any]], rounds: int, repeats: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """As ``bench_api.measure`` (interleaved, each call after the flush; the minimum of
+    ``repeats`` medians of ``rounds`` calls), and every call's time (ms) in call order."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    every: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                _FLUSH.fill_(1.0)
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        for k, ts in times.items():
+            best[k] = min(best[k], statistics.median(ts))
+            every[k] += ts
+    return best, every
+
+
+def cost(every: dict[str, list[float]], row: str) -> float:
+    """The row's EMA cost: the median over the rounds of its time minus its optimizer alone's."""
+    base = every["compiled AdamW" if ("compiled" in row or "fused" in row) else "eager AdamW"]
+    return statistics.median(a - b for a, b in zip(every[row], base, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11, help="calls per median")
@@ -91,7 +124,8 @@ def main() -> None:
         f"Run {datetime.date.today().isoformat()}: {platform.machine()}, torch "
         f"{torch.__version__}, {args.threads} threads, Python {platform.python_version()}; "
         f"min of {args.repeats} interleaved medians of {args.rounds} calls, each after a "
-        "128 MiB write. EMA: the row minus its optimizer alone.",
+        "128 MiB write. EMA: the median over all rounds of the row minus its optimizer alone "
+        "in the same round.",
         "",
     ]
     for dtype, label in (
@@ -99,15 +133,14 @@ def main() -> None:
         (torch.bfloat16, "20 tensors x 1M bf16 (float32 shadow), AdamW"),
     ):
         print(label, file=sys.stderr, flush=True)
-        res = measure(rows(dtype), args.rounds, args.repeats)
-        eager, compiled = res["eager AdamW"], res["compiled AdamW"]
-        separate = res["compiled AdamW + EMA.step"] - compiled
+        res, every = measure(rows(dtype), args.rounds, args.repeats)
+
+        separate = cost(every, "compiled AdamW + EMA.step")
         lines += [f"## {label}", "", "| row | ms | EMA ms |", "|---|---:|---:|"]
         for k, v in res.items():
-            base = compiled if ("compiled" in k or "fused" in k) else eager
-            ema = "" if k in ("eager AdamW", "compiled AdamW") else f"{v - base:.2f}"
+            ema = "" if k in ("eager AdamW", "compiled AdamW") else f"{cost(every, k):.2f}"
             lines.append(f"| {k} | {v:.2f} | {ema} |")
-        fused = res["**EMA.fused_step (one compiled function)**"] - compiled
+        fused = cost(every, "**EMA.fused_step (one compiled function)**")
         lines += [
             "",
             f"Fused EMA cost / separate EMA cost (after the compiled optimizer): "

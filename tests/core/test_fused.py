@@ -234,3 +234,21 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="nonfinite='ignore'"):
         EMA(model, nonfinite="skip").fused_step(opt)
     EMA(model, nonfinite="skip").fused_step(opt, compile=False)  # eager: the guard works
+
+
+def test_the_compiled_function_reads_the_parameters_the_optimizer_writes() -> None:
+    # Not the detached aliases the eager update reads: an alias is a second graph input on the
+    # storage of a parameter the graph mutates, so AOTAutograd rebuilds both from a synthetic
+    # base (a copy of every weight, written back after the graph) and the lerp gets loops of its
+    # own; the EMA then cost 3x the separate update (docs/performance_fused.md).
+    from ema_callbacks.fused import _sources
+
+    model = make_model()
+    opt = optimizer_for(model, "adamw")
+    ema = EMA(model, half_life="4ba")
+    train(model, opt, ema.fused_step(opt))
+    weights = ema.controller.weights
+    assert weights is not None
+    optimized = {id(p) for group in opt.param_groups for p in group["params"]}
+    sources = [s for g in (*weights._groups, *weights._mixed) for s in _sources(g)]
+    assert len(sources) == 4 and all(id(s) in optimized for s in sources)
