@@ -218,9 +218,17 @@ def update_together_(
     >>> round(float((fast.shadow['weight'] - slow.shadow['weight']).mean()), 4)
     0.4
     """
-    if torch.is_grad_enabled():  # (the decorator's cost, paid only when grad is on)
-        with torch.no_grad():
-            return update_together_(weights, factors, model)
+    grad = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # no_grad without its per-call context objects
+    try:
+        return _update_together(weights, factors, model)
+    finally:
+        torch._C._set_grad_enabled(grad)
+
+
+def _update_together(
+    weights: Sequence[EMAWeights], factors: Sequence[float], model: nn.Module | None
+) -> bool:
     from ema_callbacks.weights import _GENERATION, _STREAMED, EMAWeights, NonFiniteWeightsError
 
     weights = list(weights)

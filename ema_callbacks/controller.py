@@ -694,7 +694,7 @@ class EMAController:
 
     def _swap_out_all(self) -> None:
         for p in self.profiles:
-            if p.weights is not None:
+            if p.weights is not None and p.weights._swapped:  # (swap_out's no_grad costs)
                 p.weights.swap_out()
 
     def fit_start(self, model: nn.Module, clock: Clock | None = None, hint: str = "") -> None:

@@ -50,14 +50,15 @@ from ema_callbacks.time_strings import Time, TimeUnit
 
 __all__ = [
     "Clock",
-    "Schedule",
     "SCHEDULE_KEYS",
+    "Schedule",
     "ScheduleState",
     "debiased_weight",
     "gamma_to_sigma_rel",
     "half_life_to_smoothing",
     "power_function_smoothing",
     "power_warmup_smoothing",
+    "schedules_from_options",
     "sigma_rel_to_gamma",
     "smoothing_to_half_life",
     "tf_dynamic_smoothing",
