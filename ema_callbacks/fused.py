@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ema_callbacks._sharding import DTensorShards
+
 if TYPE_CHECKING:
     from ema_callbacks.controller import EMAProfile
     from ema_callbacks.ema import EMA
@@ -82,10 +84,29 @@ def _sources(group: Any) -> list[torch.Tensor]:
     aliases the eager update reads: an alias is a second graph input on the same storage as a
     mutated parameter, and AOTAutograd then merges them into a synthetic base and reads each
     weight through a view, copied back after the graph, with the lerp in loops of its own
-    (measured on 20 x 1M float32 with AdamW: the EMA cost 11-15 ms so, 3.6-5.8 ms now). Sharded
-    (FSDP2, ZeRO-3) sources are read anew, as for :meth:`EMA.step`."""
+    (measured on 20 x 1M float32 with AdamW: the EMA cost 11-15 ms so, 3.6-5.8 ms now). FSDP2's
+    ``DTensor`` parameters enter as themselves too, their local shards taken inside the graph
+    (:func:`_in_graph`); ZeRO-3 partitions are read anew, as for :meth:`EMA.step`."""
     cached: list[torch.Tensor] | None = group.cached
-    return cached if cached is not None else group.sources()  # type: ignore[no-any-return]
+    if cached is not None:
+        return cached
+    return [
+        t if isinstance(s, DTensorShards) else s.local(t)
+        for s, t in zip(group.shardings, group.live, strict=True)
+    ]
+
+
+def _in_graph(group: Any) -> tuple[bool, ...]:
+    """Which of :func:`_sources` are ``DTensor`` parameters, whose local shard the compiled
+    function takes itself. A shard taken outside (``to_local()``: a plain tensor) is a second
+    graph input on the storage of the ``DTensor`` the optimizer writes, and the compiled
+    function does not order its read after that write (torch 2.13, FSDP2 on 2 processes: the
+    initialising copy took the shard from before the step, so the EMA started one step behind,
+    6e-3 off the separate update after 6 AdamW steps; read in the graph, it is exact with SGD
+    and within 6e-7 with AdamW)."""
+    if group.cached is not None:
+        return ()
+    return tuple(isinstance(s, DTensorShards) for s in group.shardings)
 
 
 class FusedStep:
@@ -147,7 +168,7 @@ class FusedStep:
         (0-d tensors, refilled each call), and the target and source tensor lists."""
         lead = due[0][0].weights if due else self.ema.controller.weights
         assert lead is not None
-        plan: list[tuple[str, int | None]] = []
+        plan: list[tuple[str, int | None, tuple[bool, ...]]] = []
         weights: list[torch.Tensor] = []
         targets_in: list[list[torch.Tensor]] = []
         sources_in: list[list[torch.Tensor]] = []
@@ -162,8 +183,9 @@ class FusedStep:
                 for group, own in zip(groups, mine, strict=True):
                     targets_in.append(own.targets if kind != "copy" else own.shadows)
                     sources_in.append(_sources(group))
+                    shards = _in_graph(group)
                     if kind == "copy" or u.initialise:
-                        plan.append(("copy", None))
+                        plan.append(("copy", None, shards))
                         continue
                     t = own.targets[0]
                     slot = (p.name, t.dtype, t.device)
@@ -175,7 +197,7 @@ class FusedStep:
                     if index is None:
                         index = len(weights)
                         weights.append(weight)
-                    plan.append((kind, index))
+                    plan.append((kind, index, shards))
         key = tuple(plan)
         fn = self._graphs.get(key)
         if fn is None:
@@ -184,7 +206,7 @@ class FusedStep:
             self.compilations += 1
         return fn, (weights, targets_in, sources_in)
 
-    def _compile(self, plan: list[tuple[str, int | None]]) -> Callable[..., None]:
+    def _compile(self, plan: list[tuple[str, int | None, tuple[bool, ...]]]) -> Callable[..., None]:
         optimizer, raw = self.optimizer, self._raw
 
         def fused(
@@ -193,7 +215,9 @@ class FusedStep:
             sources: list[list[torch.Tensor]],
         ) -> None:
             raw(optimizer)
-            for (kind, index), dst, src in zip(plan, targets, sources, strict=True):
+            for (kind, index, shards), dst, src in zip(plan, targets, sources, strict=True):
+                if shards:  # FSDP2: the local shards, read after the optimizer wrote them
+                    src = [s.to_local() if d else s for s, d in zip(src, shards, strict=True)]  # type: ignore[attr-defined]
                 if kind == "copy":
                     torch._foreach_copy_(dst, src)
                     continue
