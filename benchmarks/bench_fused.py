@@ -8,7 +8,8 @@ Models: 20 tensors of 1M float32, and 20 bf16 tensors of 1M with a float32 shado
 ``--repeats`` of the median of ``--rounds`` calls, each call after a 128 MiB write (cold caches,
 as after a backward pass): eager AdamW; eager AdamW + ``EMA.step``; ``torch.compile``d AdamW
 (PyTorch's recipe); compiled AdamW + ``EMA.step``; ``EMA.fused_step``; and eager AdamW with the
-peers' EMAs where installed (timm ``ModelEmaV3``). The EMA's marginal cost: the median over
+peers' EMAs: torch's ``AveragedModel`` EMA (what Lightning's ``EMAWeightAveraging`` runs), and
+where installed timm ``ModelEmaV3`` and Composer's ``compute_ema`` (``.venv-composer``). The EMA's marginal cost: the median over
 every round of a row's time minus its optimizer alone's in the same round (paired: this shared
 machine's speed drifts by several times between rounds, which a difference of two separate
 minima does not cancel); the fused one against the separate update after the compiled optimizer.
@@ -30,6 +31,7 @@ from bench_api import _FLUSH  # the same 128 MiB cache flush
 from torch import nn
 
 DECAY = 0.999
+FUSED = "**EMA.fused_step (one compiled function)**"
 
 
 def make(dtype: torch.dtype) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -61,14 +63,38 @@ def rows(dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
     out["compiled AdamW + EMA.step"] = lambda: (compiled4(), e4.step(m4))
     m5, o5 = make(dtype)
     e5 = EMA(m5, smoothing=DECAY)
-    out["**EMA.fused_step (one compiled function)**"] = e5.fused_step(o5)
+    try:
+        out[FUSED] = e5.fused_step(o5)
+    except ValueError as err:  # bf16 on torch < 2.13: refused, with the reason
+        print(f"{FUSED}: {err}", file=sys.stderr)
+    m6, o6 = make(dtype)
+    # What Lightning's EMAWeightAveraging runs per step: AveragedModel with the EMA multi_avg_fn
+    # (its average in the model's dtype).
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    a6 = AveragedModel(m6, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
+    out["eager AdamW + AveragedModel EMA (Lightning EMAWeightAveraging)"] = lambda: (
+        o6.step(),
+        a6.update_parameters(m6),
+    )
     try:
         from timm.utils.model_ema import ModelEmaV3
 
-        m6, o6 = make(dtype)
+        m7, o7 = make(dtype)
         kw = {"dtype": torch.float32} if dtype != torch.float32 else {}
-        t6 = ModelEmaV3(m6, decay=DECAY, **kw)
-        out["eager AdamW + timm ModelEmaV3.update"] = lambda: (o6.step(), t6.update(m6))
+        t7 = ModelEmaV3(m7, decay=DECAY, **kw)
+        out["eager AdamW + timm ModelEmaV3.update"] = lambda: (o7.step(), t7.update(m7))
+    except ImportError:
+        pass
+    try:
+        from composer.algorithms.ema.ema import EMAParameters, compute_ema
+
+        m8, o8 = make(dtype)
+        c8 = EMAParameters(m8)
+        out["eager AdamW + Composer compute_ema (own dtype)"] = lambda: (
+            o8.step(),
+            compute_ema(m8, c8, smoothing=DECAY),
+        )
     except ImportError:
         pass
     for fn in out.values():  # compile every graph (the fused step's copy and lerp ones, too)
@@ -118,7 +144,8 @@ def main() -> None:
         "# The EMA fused into the optimizer step",
         "",
         "```bash",
-        ".venv/bin/python benchmarks/bench_fused.py " + " ".join(sys.argv[1:]),
+        f"{sys.executable.replace(sys.prefix, sys.prefix.rsplit('/', 1)[-1])} "
+        "benchmarks/bench_fused.py " + " ".join(sys.argv[1:]),
         "```",
         "",
         f"Run {datetime.date.today().isoformat()}: {platform.machine()}, torch "
@@ -140,13 +167,16 @@ def main() -> None:
         for k, v in res.items():
             ema = "" if k in ("eager AdamW", "compiled AdamW") else f"{cost(every, k):.2f}"
             lines.append(f"| {k} | {v:.2f} | {ema} |")
-        fused = cost(every, "**EMA.fused_step (one compiled function)**")
-        lines += [
-            "",
-            f"Fused EMA cost / separate EMA cost (after the compiled optimizer): "
-            f"{fused:.2f} / {separate:.2f} ms = **{fused / separate:.2f}x**.",
-            "",
-        ]
+        lines.append("")
+        if FUSED in res:
+            fused = cost(every, FUSED)
+            lines.append(
+                f"Fused EMA cost / separate EMA cost (after the compiled optimizer): "
+                f"{fused:.2f} / {separate:.2f} ms = **{fused / separate:.2f}x**."
+            )
+        else:
+            lines.append("`EMA.fused_step`: refused for these weights on this torch (see stderr).")
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.write:
