@@ -157,7 +157,14 @@ def controller_us(rounds: int) -> float:
 _FLUSH = torch.empty(32 * 2**20)  # 128 MiB, 4x this machine's L3
 
 
-def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, float]:
+def measure(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    repeats: int,
+    every: dict[str, list[float]] | None = None,
+) -> dict[str, float]:
+    """Interleaved, each call after the flush: the minimum of ``repeats`` medians of ``rounds``
+    calls, in ms; ``every``, when given, receives every call's time (ms) in call order."""
     for fn in fns.values():
         fn()
     best = {k: float("inf") for k in fns}
@@ -168,9 +175,11 @@ def measure(fns: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dic
                 _FLUSH.fill_(1.0)
                 t0 = time.perf_counter()
                 fn()
-                times[k].append(time.perf_counter() - t0)
+                times[k].append((time.perf_counter() - t0) * 1e3)
         for k, ts in times.items():
-            best[k] = min(best[k], statistics.median(ts) * 1e3)
+            best[k] = min(best[k], statistics.median(ts))
+            if every is not None:
+                every.setdefault(k, []).extend(ts)
     return best
 
 

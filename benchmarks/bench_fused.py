@@ -22,12 +22,11 @@ import datetime
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_api import _FLUSH  # the same 128 MiB cache flush
+from bench_api import measure  # interleaved, each call after a 128 MiB cache flush
 from torch import nn
 
 DECAY = 0.999
@@ -103,29 +102,6 @@ def rows(dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
     return out
 
 
-def measure(
-    fns: dict[str, Callable[[], Any]], rounds: int, repeats: int
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """As ``bench_api.measure`` (interleaved, each call after the flush; the minimum of
-    ``repeats`` medians of ``rounds`` calls), and every call's time (ms) in call order."""
-    for fn in fns.values():
-        fn()
-    best = {k: float("inf") for k in fns}
-    every: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                _FLUSH.fill_(1.0)
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        for k, ts in times.items():
-            best[k] = min(best[k], statistics.median(ts))
-            every[k] += ts
-    return best, every
-
-
 def cost(every: dict[str, list[float]], row: str) -> float:
     """The row's EMA cost: the median over the rounds of its time minus its optimizer alone's."""
     base = every["compiled AdamW" if ("compiled" in row or "fused" in row) else "eager AdamW"]
@@ -160,7 +136,8 @@ def main() -> None:
         (torch.bfloat16, "20 tensors x 1M bf16 (float32 shadow), AdamW"),
     ):
         print(label, file=sys.stderr, flush=True)
-        res, every = measure(rows(dtype), args.rounds, args.repeats)
+        every: dict[str, list[float]] = {}
+        res = measure(rows(dtype), args.rounds, args.repeats, every)
 
         separate = cost(every, "compiled AdamW + EMA.step")
         lines += [f"## {label}", "", "| row | ms | EMA ms |", "|---|---:|---:|"]
