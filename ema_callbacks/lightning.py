@@ -657,12 +657,10 @@ class EMACallback(_CallbackBase):
         ``log`` are back afterwards, whatever happens."""
         if not self._evaluates_profiles:
             return
-        # Before a profile has started its EMA is the training weights (as with one EMA): in
-        # fit it is measured as such, so its metrics exist from the first validation on.
-        # Outside fit, a profile that never started has no EMA to evaluate.
-        profiles = [p for p in self.controller.profiles if p.started or self._stage == "fit"]
-        if not profiles:
-            return
+        # Every profile, in every stage: one that has not started is the training weights (as
+        # with one EMA; activate puts those in), so its metrics exist from the first evaluation
+        # on, as the Composer and transformers adapters report it too.
+        profiles = self.controller.profiles
         args: list[Any] = [batch]
         if _takes(getattr(pl_module, step_name), "batch_idx", min_args=2):
             args.append(batch_idx)

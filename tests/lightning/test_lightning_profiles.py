@@ -183,6 +183,20 @@ def test_a_profile_before_its_start_is_the_training_weights() -> None:
     assert metrics["ema_2ba/val_loss"].item() != metrics["val_loss"].item()
 
 
+def test_a_profile_that_never_started_is_the_training_weights_outside_fit_too() -> None:
+    # as in the Composer and transformers adapters: trainer.validate after fit reports it
+    cb = EMACallback(
+        profiles=[{"half_life": "2ba"}, {"name": "late", "half_life": "2ba", "start": "100ba"}],
+        final_weights="training",
+    )
+    trainer, model = fit_classifier([cb], max_epochs=1)
+    assert not cb.controller.profile("late").started
+    (result,) = trainer.validate(model, ClassifierData(), verbose=False)
+    assert result["late/val_loss"] == pytest.approx(evaluate(model)["val_loss"], abs=1e-6)
+    assert result["late/val_loss"] == result["val_loss"]
+    assert result["ema_2ba/val_loss"] != result["val_loss"]
+
+
 class IterValidation(TinyClassifier):
     def validation_step(self, dataloader_iter: Any) -> None:  # type: ignore[override]
         next(dataloader_iter)
