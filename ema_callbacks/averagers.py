@@ -685,6 +685,8 @@ SELECTING: dict[str, tuple[str, ...]] = {
     "bema": BEMA.options,
     "uniform": ("uniform",),
 }
+#: The selecting options, in that order.
+SELECTING_OPTIONS = tuple(name for names in SELECTING.values() for name in names)
 #: Every averaging option a schedule takes.
 AVERAGING_OPTIONS = (
     "half_life",
@@ -724,19 +726,11 @@ def averager_from_options(
     ...
     ValueError: give exactly one of half_life, smoothing, sigma_rel, the BEMA options (ema_power, bias_power, lag, multiplier, min_ema_multiplier) or uniform=True; got smoothing=0.9, uniform=True
     """
+    given = locals()
     if uniform is not None and not isinstance(uniform, bool):
         raise TypeError(f"uniform must be True or False; got {uniform!r}")
-    values = {
-        "half_life": half_life,
-        "smoothing": smoothing,
-        "sigma_rel": sigma_rel,
-        "ema_power": ema_power,
-        "bias_power": bias_power,
-        "lag": lag,
-        "multiplier": multiplier,
-        "min_ema_multiplier": min_ema_multiplier,
-        "uniform": uniform or None,  # False: not uniform
-    }
+    values = {name: given[name] for name in SELECTING_OPTIONS}
+    values["uniform"] = uniform or None  # False: not uniform
     chosen = [k for k, names in SELECTING.items() if any(values[n] is not None for n in names)]
     if len(chosen) > 1:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if v is not None)

@@ -58,8 +58,16 @@ from torch import nn
 
 from ema_callbacks import _state
 from ema_callbacks._state import STATE_FORMAT, STATE_VERSION
+from ema_callbacks.averagers import SELECTING_OPTIONS
 from ema_callbacks.posthoc import SnapshotWriter
-from ema_callbacks.schedule import Clock, Schedule, ScheduleState, Update, schedules_from_options
+from ema_callbacks.schedule import (
+    SCHEDULE_KEYS,
+    Clock,
+    Schedule,
+    ScheduleState,
+    Update,
+    schedules_from_options,
+)
 from ema_callbacks.time_strings import Time, TimeUnit
 from ema_callbacks.weights import (
     BUFFER_POLICIES,
@@ -361,10 +369,11 @@ class EMAController:
                 )
         _as_dtype(dtype)
         _check_device(device)
-        SnapshotWriter.check_options(snapshot_dtype, snapshot_keep)
         #: The post-hoc snapshots' schedule, files and run id (None without ``snapshot_every``).
         self.snapshots: SnapshotWriter | None = None
-        if snapshot_every is not None:
+        if snapshot_every is None:
+            SnapshotWriter.check_options(snapshot_dtype, snapshot_keep)  # checked all the same
+        else:
             self.snapshots = SnapshotWriter(snapshot_every, snapshot_dtype, snapshot_keep)
             if not any(s.sigma_rel is not None for s in schedules):
                 raise ValueError(
@@ -476,26 +485,10 @@ class EMAController:
         ...                                {'name': 'slow', 'smoothing': 0.999}]).names
         ['fast', 'slow']
         """
+        given = locals()
         schedules, names = schedules_from_options(
-            {
-                "half_life": half_life,
-                "smoothing": smoothing,
-                "sigma_rel": sigma_rel,
-                "ema_power": ema_power,
-                "bias_power": bias_power,
-                "lag": lag,
-                "multiplier": multiplier,
-                "min_ema_multiplier": min_ema_multiplier,
-                "uniform": uniform,
-            },
-            {
-                "update_interval": update_interval,
-                "start": start,
-                "warmup": warmup,
-                "warmup_gamma": warmup_gamma,
-                "warmup_power": warmup_power,
-                "rampup_ratio": rampup_ratio,
-            },
+            {k: given[k] for k in SELECTING_OPTIONS},
+            {k: given[k] for k in SCHEDULE_KEYS if k not in SELECTING_OPTIONS},
             profiles,
         )
         return cls(
