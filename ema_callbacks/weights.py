@@ -676,7 +676,6 @@ class EMAWeights:
 
     # -- update ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def update_(self, weight: float, model: nn.Module | None = None) -> bool:
         """``ema += weight * (model - ema)`` for averaged tensors; copied tensors take the
         model's value. ``weight = 1`` copies everything. Returns False if the update was
