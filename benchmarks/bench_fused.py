@@ -33,19 +33,27 @@ DECAY = 0.999
 FUSED = "**EMA.fused_step (one compiled function)**"
 
 
-def make(dtype: torch.dtype) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make_model(
+    dtype: torch.dtype, numel: int = 1_000_000, device: str = "cpu"
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Module()
     model.params = nn.ParameterList(  # type: ignore[assignment]
-        [nn.Parameter(torch.randn(1_000_000).to(dtype)) for _ in range(20)]
+        [nn.Parameter(torch.randn(numel, device=device).to(dtype)) for _ in range(20)]
     )
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
 
-def rows(dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
+def rows(
+    dtype: torch.dtype, numel: int = 1_000_000, device: str = "cpu"
+) -> dict[str, Callable[[], Any]]:
+    """The rows for 20 tensors of ``numel`` in ``dtype`` on ``device``, each its own model."""
     from ema_callbacks import EMA
+
+    def make(dtype: torch.dtype) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return make_model(dtype, numel, device)
 
     out: dict[str, Callable[[], Any]] = {}
     _m1, o1 = make(dtype)

@@ -14,10 +14,10 @@ from ema_callbacks import EMA
 STEPS = 30
 
 
-def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
+def make_model(dtype: torch.dtype = torch.float32, on: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
-    return model.to(dtype)
+    return model.to(on, dtype)
 
 
 DATA = [
@@ -37,16 +37,17 @@ def optimizer_for(model: nn.Module, kind: str) -> torch.optim.Optimizer:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, step: Any) -> None:
     for x, y in DATA:
-        loss = (model(x.to(next(model.parameters()).dtype)) - y).float().pow(2).mean()
+        p = next(model.parameters())
+        loss = (model(x.to(p.device, p.dtype)) - y.to(p.device)).float().pow(2).mean()
         opt.zero_grad()
         loss.backward()
         step()
 
 
 def separate(
-    kind: str, dtype: torch.dtype = torch.float32, **options: Any
+    kind: str, dtype: torch.dtype = torch.float32, on: str = "cpu", **options: Any
 ) -> tuple[nn.Module, EMA]:
-    model = make_model(dtype)
+    model = make_model(dtype, on)
     opt = optimizer_for(model, kind)
     ema = EMA(model, **options)
 
@@ -59,9 +60,13 @@ def separate(
 
 
 def fused(
-    kind: str, dtype: torch.dtype = torch.float32, compile: bool = True, **options: Any
+    kind: str,
+    dtype: torch.dtype = torch.float32,
+    compile: bool = True,
+    on: str = "cpu",
+    **options: Any,
 ) -> tuple[nn.Module, EMA, Any]:
-    model = make_model(dtype)
+    model = make_model(dtype, on)
     opt = optimizer_for(model, kind)
     ema = EMA(model, **options)
     step = ema.fused_step(opt, compile=compile)
@@ -140,6 +145,21 @@ _CASES = {
         ]
     },
 }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_cuda_compiled_fused_step_matches_the_separate_update(kind: str) -> None:
+    options = {"half_life": ["3ba", "9ba"], "update_interval": "3ba", "warmup": "power"}
+    m1, e1 = separate(kind, on="cuda", **options)
+    m2, e2, step = fused(kind, on="cuda", **options)
+    assert next(m2.parameters()).is_cuda and e2.shadow["0.weight"].is_cuda
+    for p, q in zip(m2.parameters(), m1.parameters(), strict=True):
+        assert relative(p.detach(), q.detach()) < 1e-5
+    for name in e1.profiles:
+        for k, v in e1.shadow_of(name).items():
+            assert float((e2.shadow_of(name)[k] - v).abs().max()) < 1e-5, (name, k)
+    assert step.compilations == 3  # copy, lerp (a tensor smoothing: no recompile), optimizer alone
 
 
 def test_bf16_weights_with_a_float32_shadow() -> None:
