@@ -56,11 +56,13 @@ import torch
 from ema_callbacks._sharding import DTensorShards
 
 if TYPE_CHECKING:
-    from ema_callbacks.controller import EMAProfile
-    from ema_callbacks.ema import EMA
-    from ema_callbacks.schedule import Update
+    from torch import nn
 
-__all__ = ["FusedStep"]
+    from ema_callbacks.controller import EMAController, EMAProfile
+    from ema_callbacks.ema import EMA
+    from ema_callbacks.schedule import Clock, Update
+
+__all__ = ["FusedStep", "FusedUpdate", "check_options", "replace_step"]
 
 
 # Inductor emulates the rounding of bf16/fp16 weights in a fused kernel reliably from this torch
@@ -108,55 +110,83 @@ def _in_graph(group: Any) -> tuple[bool, ...]:
     return tuple(isinstance(s, DTensorShards) for s in group.shardings)
 
 
-class FusedStep:
-    """``optimizer.step()`` and the EMA's due update as one call (one compiled function with
-    ``compile=True``); counts as one :meth:`EMA.step`. Build it with :meth:`EMA.fused_step`.
+def check_options(controller: EMAController, option: str, instead: str) -> None:
+    """Refuse the EMA options a fused update cannot honour (``option`` and ``instead`` name
+    the user's switch and its alternative): the adapters call it at construction.
 
-    ``compilations`` counts the graphs compiled so far (one per set of profiles due together,
-    per initialising copy, and one for the optimizer alone).
+    >>> from ema_callbacks.controller import EMAController
+    >>> check_options(EMAController.create(stream=True), 'fused_optimizer=True', '')
+    Traceback (most recent call last):
+    ...
+    ValueError: fused_optimizer=True runs the update in the optimizer's pass, so there is no separate update to put on a side stream: build the EMA with stream=False
+    """
+    options = controller.weights_kwargs
+    if options["nonfinite"] != "ignore":
+        raise ValueError(
+            f"{option} needs nonfinite='ignore' (this EMA has "
+            f"nonfinite={options['nonfinite']!r}): the guard decides between the step and the "
+            f"update, on the host; {instead}"
+        )
+    if options["stream"]:
+        raise ValueError(
+            f"{option} runs the update in the optimizer's pass, so there is no separate "
+            "update to put on a side stream: build the EMA with stream=False"
+        )
+
+
+class FusedUpdate:
+    """The compiled function behind :class:`FusedStep` and the adapters' ``fused_optimizer``
+    option: ``optimizer.step()`` and ``controller``'s updates due at a given clock, in one
+    ``torch.compile`` graph per set of updates due together. Calling it counts as the
+    controller's ``batch_end`` at that clock.
+
+    ``option`` and ``instead`` name the user's switch and its alternative in the errors.
 
     >>> import torch
     >>> from ema_callbacks import EMA
+    >>> from ema_callbacks.schedule import Clock
     >>> model = torch.nn.Linear(2, 1)
-    >>> ema = EMA(model, smoothing=0.9)
-    >>> FusedStep(ema, torch.optim.SGD(model.parameters(), lr=0.1), compile=False).compilations
-    0
+    >>> ema = EMA(model, smoothing=0.9, nonfinite='skip')
+    >>> FusedUpdate(ema.controller, torch.optim.SGD(model.parameters(), lr=0.1))
+    Traceback (most recent call last):
+    ...
+    ValueError: fused_step(compile=True) needs nonfinite='ignore' (this EMA has nonfinite='skip'): the guard decides between the step and the update, on the host; use compile=False
     """
 
-    def __init__(self, ema: EMA, optimizer: torch.optim.Optimizer, *, compile: bool = True) -> None:
+    def __init__(
+        self,
+        controller: EMAController,
+        optimizer: torch.optim.Optimizer,
+        *,
+        option: str = "fused_step(compile=True)",
+        instead: str = "use compile=False",
+    ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
             )
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be True or False; got {compile!r}")
-        options = ema.controller.weights_kwargs
-        if compile and options["nonfinite"] != "ignore":
-            raise ValueError(
-                f"fused_step(compile=True) needs nonfinite='ignore' (this EMA has "
-                f"nonfinite={options['nonfinite']!r}): the guard decides between the step and the "
-                "update, on the host; use compile=False"
-            )
-        if compile and options["stream"]:
-            raise ValueError(
-                "fused_step(compile=True) runs the update in the optimizer's pass, so there is "
-                "no separate update to put on a side stream: build the EMA with stream=False"
-            )
-        weights = ema.controller.weights
-        if compile and not _PRECISE_CASTS and weights is not None and weights._mixed:
-            raise ValueError(
-                "fused_step(compile=True) with bf16/fp16 weights and a float32 average needs "
-                f"torch >= 2.13 (this is {torch.__version__}, whose Inductor cannot keep the "
-                "weights' rounding in the fused kernel); use compile=False"
-            )
-        self.ema = ema
+        check_options(controller, option, instead)
+        self.controller = controller
         self.optimizer = optimizer
-        self.compile = compile
+        self.option = option
+        self.instead = instead
         self.compilations = 0
         self._raw = _raw_step(optimizer)
         self._graphs: dict[tuple[Any, ...], Callable[..., None]] = {}
         self._weights: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         self._serial = 0
+        self.check_weights()
+
+    def check_weights(self) -> None:
+        """Refuse bf16/fp16 weights with a float32 average on a torch whose Inductor cannot
+        keep their rounding (called again once the shadows are built)."""
+        weights = self.controller.weights
+        if not _PRECISE_CASTS and weights is not None and weights._mixed:
+            raise ValueError(
+                f"{self.option} with bf16/fp16 weights and a float32 average needs "
+                f"torch >= 2.13 (this is {torch.__version__}, whose Inductor cannot keep the "
+                f"weights' rounding in the fused kernel); {self.instead}"
+            )
 
     # -- the compiled functions ------------------------------------------------------------
 
@@ -165,7 +195,7 @@ class FusedStep:
     ) -> tuple[Callable[..., None], tuple[list[Any], list[Any], list[Any]]]:
         """The compiled function for these due updates, and its inputs: the lerp weights
         (0-d tensors, refilled each call), and the target and source tensor lists."""
-        lead = due[0][0].weights if due else self.ema.controller.weights
+        lead = due[0][0].weights if due else self.controller.weights
         assert lead is not None
         plan: list[tuple[str, int | None, tuple[bool, ...]]] = []
         weights: list[torch.Tensor] = []
@@ -245,18 +275,13 @@ class FusedStep:
 
     # -- one step --------------------------------------------------------------------------
 
-    def __call__(self, *, samples: Any = None, tokens: Any = None) -> bool:
-        """``optimizer.step()``, then the EMA's update if one is due (``samples``/``tokens`` as
-        for :meth:`EMA.step`). Returns True if an EMA was updated."""
-        ema = self.ema
-        model = ema._model(None)
-        if not self.compile:
-            self.optimizer.step()
-            return ema.step(model, samples=samples, tokens=tokens)
-        ema._advance(samples, tokens)
-        clock = ema.clock
-        controller = ema.controller
+    def __call__(self, model: nn.Module, clock: Clock) -> bool:
+        """``optimizer.step()`` and the updates due at ``clock``, with the optimizer's hooks
+        around them as ``optimizer.step()`` runs them. Returns True if an EMA was updated."""
+        controller = self.controller
         due = controller.prepare_update(model, clock)
+        if due:
+            self.check_weights()
         for p, _ in due:
             assert p.weights is not None
             p.weights._check_live()  # a replaced parameter is followed, as by EMA.step
@@ -279,5 +304,88 @@ class FusedStep:
         opt._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check it
         if due:
             controller.finish_update(model, clock, due)
-        ema._snapshot()
         return bool(due)
+
+
+class FusedStep:
+    """``optimizer.step()`` and the EMA's due update as one call (one compiled function with
+    ``compile=True``); counts as one :meth:`EMA.step`. Build it with :meth:`EMA.fused_step`.
+
+    ``compilations`` counts the graphs compiled so far (one per set of profiles due together,
+    per initialising copy, and one for the optimizer alone).
+
+    >>> import torch
+    >>> from ema_callbacks import EMA
+    >>> model = torch.nn.Linear(2, 1)
+    >>> ema = EMA(model, smoothing=0.9)
+    >>> FusedStep(ema, torch.optim.SGD(model.parameters(), lr=0.1), compile=False).compilations
+    0
+    """
+
+    def __init__(self, ema: EMA, optimizer: torch.optim.Optimizer, *, compile: bool = True) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
+            )
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False; got {compile!r}")
+        self.ema = ema
+        self.optimizer = optimizer
+        self.compile = compile
+        self._fused = FusedUpdate(ema.controller, optimizer) if compile else None
+
+    @property
+    def compilations(self) -> int:
+        """The graphs compiled so far (0 with ``compile=False``)."""
+        return 0 if self._fused is None else self._fused.compilations
+
+    def __call__(self, *, samples: Any = None, tokens: Any = None) -> bool:
+        """``optimizer.step()``, then the EMA's update if one is due (``samples``/``tokens`` as
+        for :meth:`EMA.step`). Returns True if an EMA was updated."""
+        ema = self.ema
+        model = ema._model(None)
+        if self._fused is None:
+            self.optimizer.step()
+            return ema.step(model, samples=samples, tokens=tokens)
+        ema._advance(samples, tokens)
+        updated = self._fused(model, ema.clock)
+        ema._snapshot()
+        return updated
+
+
+def replace_step(optimizer: torch.optim.Optimizer, run: Callable[[], Any]) -> Callable[[], None]:
+    """Make ``optimizer.step(closure)`` run ``closure`` (with grad enabled, as ``torch.optim``
+    does) and then ``run()`` instead of the optimizer's own step; returns the function that
+    puts the class's ``step`` back. What the adapters' ``fused_optimizer`` installs, so that the
+    trainer's own call (through its precision plugin, gradient scaler or wrapper) runs the fused
+    function.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    >>> calls = []
+    >>> restore = replace_step(opt, lambda: calls.append('fused'))
+    >>> opt.step(lambda: calls.append('closure'))
+    >>> restore(); calls, 'step' in vars(opt)
+    (['closure', 'fused'], False)
+    """
+    if "step" in vars(optimizer):
+        raise ValueError(
+            f"{type(optimizer).__name__}.step is already replaced on this optimizer (by a "
+            "wrapper such as a gradient scaler's patch); a fused EMA step cannot replace it too"
+        )
+
+    def step(closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        run()
+        return loss
+
+    optimizer.step = step  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if vars(optimizer).get("step") is step:
+            del optimizer.step
+
+    return restore

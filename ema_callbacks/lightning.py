@@ -59,6 +59,7 @@ from ema_callbacks.controller import (
     first_batches,
     metric_copy,
 )
+from ema_callbacks.fused import FusedUpdate, check_options, replace_step
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, ScheduleState
 from ema_callbacks.time_strings import TimeUnit
@@ -123,6 +124,9 @@ __all__ = [
     "CHECKPOINT_WEIGHTS",
     "EMACallback",
 ]
+
+
+_NO_FUSED = "leave fused_optimizer off"
 
 
 def _resolve_callable(
@@ -370,6 +374,7 @@ class EMACallback(_CallbackBase):
         device: str | None = None,
         nonfinite: str = "ignore",
         stream: bool = False,
+        fused_optimizer: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         train_with_ema_weights: bool = False,
@@ -404,6 +409,17 @@ class EMACallback(_CallbackBase):
             )
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be True or False; got {log_metrics!r}")
+        if not isinstance(fused_optimizer, bool):
+            raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
+        if fused_optimizer:
+            check_options(self.controller, "fused_optimizer=True", _NO_FUSED)
+        self.fused_optimizer = fused_optimizer
+        self._fused: FusedUpdate | None = None
+        #: graphs compiled by the fused optimizer step in the last fit (``fused_optimizer``)
+        self.fused_compilations = 0
+        self._unfuse: Callable[[], None] | None = None
+        self._fused_clock: Clock | None = None
+        self._batch_idx = 0
         self.checkpoint_weights = checkpoint_weights
         self.log_metrics = log_metrics
         self.batch_size_fn = (
@@ -452,8 +468,8 @@ class EMACallback(_CallbackBase):
         self._pending = [0, 0]  # samples, tokens in micro-batches since the last optimizer step
         self._last_step = 0
 
-    def _clock(self, trainer: Trainer, epoch: float) -> Clock:
-        step = trainer.global_step
+    def _clock(self, trainer: Trainer, epoch: float, step: int | None = None) -> Clock:
+        step = trainer.global_step if step is None else step
         duration = None
         if self._total_steps is not None:
             duration = min(1.0, step / self._total_steps)
@@ -464,6 +480,13 @@ class EMACallback(_CallbackBase):
             token=self._tokens if self._count_tokens else None,
             duration=duration,
         )
+
+    def _count(self, batch: Any) -> None:
+        if self._count_samples:
+            self._pending[0] += _count(self.batch_size_fn(batch), "batch_size_fn")
+        if self._count_tokens:
+            assert self.tokens_fn is not None
+            self._pending[1] += _count(self.tokens_fn(batch), "tokens_fn")
 
     def _flush_counts(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add the micro-batches' samples/tokens, summed over all ranks (one small all-reduce
@@ -509,6 +532,8 @@ class EMACallback(_CallbackBase):
         self._snapshot_dir = None
         if self.controller.snapshot_schedule is not None:
             self._snapshot_dir = self._resolve_snapshot_folder(trainer)
+        if self.fused_optimizer:
+            self._fuse(trainer, pl_module)
 
     def _resolve_snapshot_folder(self, trainer: Trainer) -> str:
         """``snapshot_folder``, or ``ema_snapshots`` in the ``ModelCheckpoint``'s folder (the
@@ -552,28 +577,28 @@ class EMACallback(_CallbackBase):
     ) -> None:
         """Every training step runs on the training weights."""
         self.controller.train_start(pl_module)
+        if self._fused is not None:  # counted before the step, which updates the EMA
+            self._batch_idx = batch_idx
+            self._count(batch)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """``batch_end`` once per optimizer step (not per micro-batch)."""
-        if self._count_samples:
-            self._pending[0] += _count(self.batch_size_fn(batch), "batch_size_fn")
-        if self._count_tokens:
-            assert self.tokens_fn is not None
-            self._pending[1] += _count(self.tokens_fn(batch), "tokens_fn")
+        """``batch_end`` once per optimizer step (not per micro-batch); with
+        ``fused_optimizer`` the step did the update and this writes snapshots and metrics."""
+        if self._fused is None:
+            self._count(batch)
         step = trainer.global_step
         if step <= self._last_step:
             return  # accumulating gradients: no optimizer step yet
         self._last_step = step
-        if self._count_samples or self._count_tokens:
-            self._flush_counts(trainer, pl_module)
-        epoch = float(trainer.current_epoch)
-        per_epoch = trainer.num_training_batches
-        if per_epoch and math.isfinite(per_epoch):
-            epoch += min(1.0, (batch_idx + 1) / per_epoch)
-        clock = self._clock(trainer, epoch)
-        self.controller.batch_end(pl_module, clock)
+        clock, self._fused_clock = self._fused_clock, None
+        if clock is None:  # the separate update (or a step the fused one did not run)
+            if self._count_samples or self._count_tokens:
+                self._flush_counts(trainer, pl_module)
+            clock = self._clock(trainer, self._epoch_at(trainer, batch_idx))
+            if self._fused is None:
+                self.controller.batch_end(pl_module, clock)
         self._maybe_snapshot(trainer, clock)
         if self.log_metrics and self._logging_step(trainer):
             pl_module.log_dict(
@@ -582,6 +607,55 @@ class EMACallback(_CallbackBase):
                 on_epoch=False,
                 batch_size=1,
             )
+
+    @staticmethod
+    def _epoch_at(trainer: Trainer, batch_idx: int) -> float:
+        """The fractional epoch once batch ``batch_idx`` of this epoch is done."""
+        epoch = float(trainer.current_epoch)
+        per_epoch = trainer.num_training_batches
+        if per_epoch and math.isfinite(per_epoch):
+            epoch += min(1.0, (batch_idx + 1) / per_epoch)
+        return epoch
+
+    # -- fused optimizer step -------------------------------------------------------------
+
+    def _fuse(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fused_optimizer=True``: the optimizer's ``step`` (which Lightning's precision
+        plugin calls with the training-step closure) runs the closure, then one compiled
+        function doing the step and the updates due once it is done."""
+        self._unfuse_step()
+        option = "fused_optimizer=True"
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{option} needs automatic optimization (one optimizer, stepped by Lightning): "
+                "with manual optimization the LightningModule steps its optimizers itself; leave "
+                "fused_optimizer off"
+            )
+        self._fused = FusedUpdate(
+            self.controller, trainer.optimizers[0], option=option, instead=_NO_FUSED
+        )
+        fused = self._fused
+
+        def run() -> None:
+            # Lightning counts the step (global_step) once it returns: the clock the separate
+            # update would see at this batch's end.
+            if self._count_samples or self._count_tokens:
+                self._flush_counts(trainer, pl_module)
+            clock = self._clock(
+                trainer, self._epoch_at(trainer, self._batch_idx), trainer.global_step + 1
+            )
+            fused(pl_module, clock)
+            self._fused_clock = clock
+            self.fused_compilations = fused.compilations
+
+        self._unfuse = replace_step(trainer.optimizers[0], run)
+
+    def _unfuse_step(self) -> None:
+        if self._unfuse is not None:
+            self._unfuse()
+        self._unfuse = None
+        self._fused = None
+        self._fused_clock = None
 
     @staticmethod
     def _logging_step(trainer: Trainer) -> bool:
@@ -599,13 +673,16 @@ class EMACallback(_CallbackBase):
         self._maybe_snapshot(trainer, clock)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``fit_end``: leave the EMA (``final_weights='ema'``) or the training weights in."""
+        """``fit_end``: leave the EMA (``final_weights='ema'``) or the training weights in; the
+        optimizer's own ``step`` back."""
+        self._unfuse_step()
         self.controller.fit_end(pl_module)
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        """Training weights back in, whatever happened."""
+        """Training weights back in, whatever happened; the optimizer's own ``step`` back."""
+        self._unfuse_step()
         self._close_predict_swap()
         self.controller.exception(pl_module)
 

@@ -198,6 +198,16 @@ _OPTIONS = (
         "`torch.optim` step waits for it on the GPU). Ignored on CPU.",
     ),
     Option(
+        "fused_optimizer",
+        False,
+        "weights",
+        "Fuse the update into the trainer's optimizer step: its `optimizer.step()` runs one "
+        "`torch.compile`d function doing the step and the EMA's due update, which then reads "
+        "the weights while the optimizer writes them (`docs/fused.md`). One optimizer, "
+        "`nonfinite='ignore'`, `stream=False`; the first steps pay the compilation. Not in the "
+        "plain loop: call `ema.fused_step(optimizer)` there.",
+    ),
+    Option(
         "final_weights",
         "ema",
         "evaluation",
@@ -265,7 +275,7 @@ _OPTIONS = (
 #: The shared options by name, in the order the entry points list them.
 OPTIONS: dict[str, Option] = {o.name: o for o in _OPTIONS}
 #: Options that the controller does not take (the entry points use them themselves).
-_NOT_FORWARDED = frozenset({"snapshot_folder"})
+_NOT_FORWARDED = frozenset({"snapshot_folder", "fused_optimizer"})
 
 
 def forwarded(values: Mapping[str, Any]) -> dict[str, Any]:

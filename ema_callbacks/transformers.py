@@ -74,6 +74,7 @@ from ema_callbacks.controller import (
     _snapshot_folder_option,
     first_batches,
 )
+from ema_callbacks.fused import FusedUpdate, check_options, replace_step
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock
 from ema_callbacks.state_files import (
@@ -82,10 +83,12 @@ from ema_callbacks.state_files import (
     load_ema_state,
     save_ema_state,
 )
+from ema_callbacks.time_strings import TimeUnit
 from ema_callbacks.weights import normalize_name, unwrap_model
 
 __all__ = ["EMATrainerCallback", "load_ema_state", "save_ema_state"]
 
+_NO_FUSED = "leave fused_optimizer off"
 _TOKENS_HINT = (
     "the Trainer counts tokens only with TrainingArguments(include_num_input_tokens_seen=True) "
     "(or 'all' / 'non_padding'); set it, or give the time in 'ba', 'ep', 'sp' or 'dur'"
@@ -116,6 +119,13 @@ class _Run:
     manual: int = 0  # depth of EMATrainerCallback.ema_weights blocks (no per-profile evaluation)
     # (resume_from_checkpoint,) of the train() call running through our wrapper; None outside
     train_call: tuple[Any] | None = None
+    # fused_optimizer: puts the optimizer's own step back
+    unfuse: Any = None
+
+    def unfuse_step(self) -> None:
+        if self.unfuse is not None:
+            self.unfuse()
+        self.unfuse = None
 
     @property
     def evaluates_profiles(self) -> bool:
@@ -494,6 +504,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         snapshot_keep: int | None = None,
         snapshot_folder: str | None = None,
         stream: bool = False,
+        fused_optimizer: bool = False,
         ema_power: float | None = None,
         bias_power: float | None = None,
         lag: float | None = None,
@@ -538,6 +549,20 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         self.name = name
         self.snapshot_folder = snapshot_folder
         self._run = _Run(EMAController.create(**self._options))  # validates everything
+        if not isinstance(fused_optimizer, bool):
+            raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
+        if fused_optimizer:
+            check_options(self.controller, "fused_optimizer=True", _NO_FUSED)
+            if any(TimeUnit.EPOCH in p.schedule.units for p in self.controller.profiles):
+                raise ValueError(
+                    "fused_optimizer=True updates inside optimizer.step(), before the Trainer "
+                    "sets state.epoch, so the schedule's 'ep' times are not known there: give "
+                    "them in 'ba' (optimizer steps per epoch: len(train_dataloader) / "
+                    f"gradient_accumulation_steps) or {_NO_FUSED}"
+                )
+        self.fused_optimizer = fused_optimizer
+        #: graphs compiled by the fused optimizer step so far (``fused_optimizer``)
+        self.fused_compilations = 0
 
     # -- JSON state (trainer_state.json) ---------------------------------------------------
 
@@ -551,7 +576,12 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         ['10ba', 'infba']
         """
         return {
-            "args": {**self._options, "name": self.name, "snapshot_folder": self.snapshot_folder},
+            "args": {
+                **self._options,
+                "name": self.name,
+                "snapshot_folder": self.snapshot_folder,
+                "fused_optimizer": self.fused_optimizer,
+            },
             "attributes": {},
         }
 
@@ -567,8 +597,8 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
 
     # -- translation helpers ---------------------------------------------------------------
 
-    def _clock(self, args: Any, state: Any) -> Clock:
-        step = int(state.global_step)
+    def _clock(self, args: Any, state: Any, step: int | None = None) -> Clock:
+        step = int(state.global_step) if step is None else step
         total_batch = int(state.train_batch_size or args.per_device_train_batch_size)
         total_batch *= int(args.gradient_accumulation_steps) * int(args.world_size)
         run = self._run
@@ -639,6 +669,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
                 return original(*args, **kwargs)
             except BaseException:
                 run.eval_swap = False
+                run.unfuse_step()
                 run.controller.exception()
                 _sync_gathered(run)
                 raise
@@ -756,6 +787,35 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         if run.controller.snapshot_schedule is not None and self._writes_snapshots(state):
             # After the resume: a resumed run may add to its own snapshots.
             run.controller.check_snapshot_folder(self._snapshot_folder_for(args))
+        run.unfuse_step()
+        if self.fused_optimizer:
+            self._fuse(trainer, args, state, model, kwargs.get("optimizer"))
+
+    def _fuse(self, trainer: Any, args: Any, state: Any, model: nn.Module, optimizer: Any) -> None:
+        """``fused_optimizer=True``: the torch optimizer inside the Trainer's (accelerate's)
+        wrapper steps through one compiled function doing the step and the updates due once it
+        is done (the clock :meth:`on_step_end` will see: ``global_step + 1``)."""
+        option = "fused_optimizer=True"
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            raise ValueError(
+                f"{option}: DeepSpeed steps its own optimizer inside engine.step(), which a "
+                f"compiled function cannot wrap; {_NO_FUSED}"
+            )
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"{option} needs the Trainer's optimizer to be a torch.optim.Optimizer; got "
+                f"{type(optimizer).__name__}: {_NO_FUSED}"
+            )
+        run = self._run
+        fused = FusedUpdate(run.controller, optimizer, option=option, instead=_NO_FUSED)
+
+        def step() -> None:
+            fused(model, self._clock(args, state, int(state.global_step) + 1))
+            self.fused_compilations = fused.compilations
+
+        run.unfuse = replace_step(optimizer, step)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run.eval_swap = False
@@ -775,7 +835,9 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     ) -> None:
         assert model is not None
         clock = self._clock(args, state)
-        if not getattr(optimizer, "step_was_skipped", False):
+        run = self._run
+        # (with fused_optimizer the optimizer's step did the update, unless it was skipped)
+        if run.unfuse is None and not getattr(optimizer, "step_was_skipped", False):
             self.controller.batch_end(model, clock)
         self._snapshot(args, state, clock)
         self._eval_start(control, model)
@@ -836,6 +898,7 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
     ) -> None:
         assert model is not None
         self._run.eval_swap = False
+        self._run.unfuse_step()
         controller = self.controller
         controller.train_start()
         best = args.load_best_model_at_end and state.best_model_checkpoint

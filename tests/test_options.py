@@ -18,12 +18,16 @@ NOT_IN_THE_PLAIN_LOOP = (
     "eval_all",
     "train_with_ema_weights",
     "update_bn_batches",  # ema.update_bn(loader) instead
+    "fused_optimizer",  # ema.fused_step(optimizer) instead
 )
 
 
 def test_plain_ema_and_controller_take_every_option() -> None:
     assert signature_differences(EMA, absent=NOT_IN_THE_PLAIN_LOOP) == []
-    assert signature_differences(EMAController.create, absent=("snapshot_folder",)) == []
+    assert (
+        signature_differences(EMAController.create, absent=("snapshot_folder", "fused_optimizer"))
+        == []
+    )
 
 
 def test_lightning_callback_takes_every_option() -> None:
