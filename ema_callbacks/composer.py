@@ -76,9 +76,11 @@ from ema_callbacks.controller import (
     metric_copy,
     metric_profile,
 )
+from ema_callbacks.fused import FusedUpdate, check_options, replace_step
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, half_life_to_smoothing
 from ema_callbacks.time_strings import Time
+from ema_callbacks.time_strings import TimeUnit as Unit
 from ema_callbacks.weights import expand_aliases, normalize_name, unwrap_model
 
 __all__ = ["EMA"]
@@ -95,6 +97,7 @@ _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 _CHECKPOINT_EVENTS = frozenset(
     {Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT}
 )
+_NO_FUSED = "leave fused_optimizer off"
 _TRAIN_EVENTS = frozenset({Event.BEFORE_DATALOADER, Event.BATCH_START})
 _ALWAYS = frozenset(
     {
@@ -264,6 +267,7 @@ class EMA(Algorithm):  # type: ignore[misc]
         device: str | None = None,
         nonfinite: str = "ignore",
         stream: bool = False,
+        fused_optimizer: bool = False,
         final_weights: str = "ema",
         eval_with_ema: bool = True,
         profiles: Sequence[Mapping[str, Any]] | None = None,
@@ -340,6 +344,22 @@ class EMA(Algorithm):  # type: ignore[misc]
         }
         self.controller = EMAController.create(**self._options)
         self._snapshot_folder = folder
+        if not isinstance(fused_optimizer, bool):
+            raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
+        if fused_optimizer:
+            check_options(self.controller, "fused_optimizer=True", _NO_FUSED)
+            counted = {Unit.SAMPLE, Unit.TOKEN}
+            if any(counted & p.schedule.units for p in self.controller.profiles):
+                raise ValueError(
+                    "fused_optimizer=True updates inside optimizer.step(), before Composer "
+                    "counts the batch's samples and tokens (summed over the ranks after the "
+                    "step), so the schedule's 'sp'/'tok' times are not known there: give them in "
+                    f"'ba' or 'ep', or {_NO_FUSED}"
+                )
+        self.fused_optimizer = fused_optimizer
+        #: graphs compiled by the fused optimizer step so far (``fused_optimizer``)
+        self.fused_compilations = 0
+        self._unfuse: Any = None
         self._shown = {
             "half_life": half_life if explicit_half_life else None,
             "smoothing": smoothing,
@@ -353,6 +373,7 @@ class EMA(Algorithm):  # type: ignore[misc]
             "snapshot_dtype": None if snapshot_dtype == "float16" else snapshot_dtype,
             "snapshot_keep": snapshot_keep,
             "snapshot_folder": self._snapshot_folder,
+            "fused_optimizer": fused_optimizer or None,
         }
         self._composer_state: dict[str, Any] | None = None
         self._pinned: str | None = None  # the profile get_ema_model put in, kept across evals
@@ -514,7 +535,8 @@ class EMA(Algorithm):  # type: ignore[misc]
             controller.train_start(model)
         elif event == Event.BATCH_END:
             clock = self._checked_clock(state)
-            if controller.batch_end(model, clock):
+            # (with fused_optimizer the optimizer's step did the update)
+            if self._unfuse is None and controller.batch_end(model, clock):
                 self._pinned = None
             self._maybe_snapshot(state, clock)
         elif event == Event.EPOCH_END:
@@ -560,12 +582,17 @@ class EMA(Algorithm):  # type: ignore[misc]
             if self._snapshot_dir is not None and dist.get_global_rank() == 0:
                 # After any checkpoint load: a resumed run may add to its own snapshots.
                 controller.check_snapshot_folder(self._snapshot_dir)
+            self._unfuse_step()
+            if self.fused_optimizer:
+                self._fuse(state)
         elif event == Event.FIT_END:
+            self._unfuse_step()
             controller.fit_end(model)
         elif event == Event.INIT:
             # A reused algorithm instance: hand the old model its training weights back and
             # start afresh, as composer.algorithms.EMA does at INIT.
             self._end_eval(None)
+            self._unfuse_step()
             controller.exception()
             self.controller = EMAController.create(**self._options)
             self._composer_state = None
@@ -573,6 +600,59 @@ class EMA(Algorithm):  # type: ignore[misc]
             self._snapshot_dir = None
             if self.controller.snapshot_schedule is not None:
                 self._snapshot_dir = self._resolve_snapshot_dir(state)
+
+    # -- fused optimizer step ---------------------------------------------------------------
+
+    def _fuse(self, state: State) -> None:
+        """``fused_optimizer=True``: the optimizer's ``step`` (which the Trainer calls with its
+        micro-batches' closure, or after them) runs one compiled function doing the step and
+        the updates due at the clock ``BATCH_END`` will see."""
+        option = "fused_optimizer=True"
+        max_duration = state.max_duration
+        if (
+            Unit.DURATION in self.controller.units
+            and max_duration is not None
+            and max_duration.unit in (TimeUnit.SAMPLE, TimeUnit.TOKEN)
+        ):
+            raise ValueError(
+                f"{option}: the schedule's 'dur' times are fractions of max_duration="
+                f"'{max_duration}', counted in samples or tokens after the optimizer step; give "
+                f"max_duration in 'ba' or 'ep', or {_NO_FUSED}"
+            )
+        optimizer = state.optimizers[0]  # (Composer's Trainer takes exactly one)
+        fused = FusedUpdate(self.controller, optimizer, option=option, instead=_NO_FUSED)
+
+        def step() -> None:
+            if fused(state.model, self._next_clock(state)):
+                self._pinned = None
+            self.fused_compilations = fused.compilations
+
+        self._unfuse = replace_step(optimizer, step)
+
+    def _unfuse_step(self) -> None:
+        if self._unfuse is not None:
+            self._unfuse()
+        self._unfuse = None
+
+    @classmethod
+    def _next_clock(cls, state: State) -> Clock:
+        """The clock of :meth:`_clock` once this batch is done (during its optimizer step):
+        one more batch, in this epoch; samples and tokens as before it (not used)."""
+        ts = state.timestamp
+        clock = cls._clock(state)
+        batch = int(ts.batch.value) + 1
+        epoch = float(ts.epoch.value)
+        length = state.dataloader_len
+        if length is not None and int(length) > 0:
+            epoch += min(1.0, (int(ts.batch_in_epoch) + 1) / int(length))
+        duration = clock.duration
+        max_duration = state.max_duration
+        if max_duration is not None and float(max_duration.value) > 0:
+            if max_duration.unit == TimeUnit.EPOCH:
+                duration = epoch / float(max_duration.value)
+            elif max_duration.unit == TimeUnit.BATCH:
+                duration = batch / max_duration.value
+        return Clock(batch, epoch, clock.sample, clock.token, duration)
 
     def _checked_clock(self, state: State) -> Clock:
         clock = self._clock(state)

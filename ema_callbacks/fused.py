@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from ema_callbacks.ema import EMA
     from ema_callbacks.schedule import Clock, Update
 
-__all__ = ["FusedStep", "FusedUpdate", "check_options", "replace_step"]
+__all__ = ["FusedStep", "FusedUpdate", "check_options", "fused_step_in", "replace_step"]
 
 
 # Inductor emulates the rounding of bf16/fp16 weights in a fused kernel reliably from this torch
@@ -368,7 +368,11 @@ def replace_step(optimizer: torch.optim.Optimizer, run: Callable[[], Any]) -> Ca
     >>> restore(); calls, 'step' in vars(opt)
     (['closure', 'fused'], False)
     """
-    if "step" in vars(optimizer):
+    previous = vars(optimizer).get("step")
+    # torch < 2.8's LR schedulers wrap the instance's step to note that it was called; the
+    # fused step notes it itself (``_opt_called``), and is marked so that schedulers built
+    # after it leave it alone.
+    if previous is not None and not getattr(previous, "_wrapped_by_lr_sched", False):
         raise ValueError(
             f"{type(optimizer).__name__}.step is already replaced on this optimizer (by a "
             "wrapper such as a gradient scaler's patch); a fused EMA step cannot replace it too"
@@ -382,10 +386,24 @@ def replace_step(optimizer: torch.optim.Optimizer, run: Callable[[], Any]) -> Ca
         run()
         return loss
 
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    step._ema_fused_step = True  # type: ignore[attr-defined]
     optimizer.step = step  # type: ignore[method-assign]
 
     def restore() -> None:
         if vars(optimizer).get("step") is step:
-            del optimizer.step
+            if previous is None:
+                del optimizer.step
+            else:
+                optimizer.step = previous  # type: ignore[method-assign]
 
     return restore
+
+
+def fused_step_in(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` is a fused EMA step that :func:`replace_step` installed.
+
+    >>> fused_step_in(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+    False
+    """
+    return bool(getattr(vars(optimizer).get("step"), "_ema_fused_step", False))

@@ -272,3 +272,28 @@ def test_the_compiled_function_reads_the_parameters_the_optimizer_writes() -> No
     optimized = {id(p) for group in opt.param_groups for p in group["params"]}
     sources = [s for g in (*weights._groups, *weights._mixed) for s in _sources(g)]
     assert len(sources) == 4 and all(id(s) in optimized for s in sources)
+
+
+def test_replace_step_keeps_an_lr_schedulers_wrapper_and_refuses_a_foreign_one() -> None:
+    from ema_callbacks.fused import fused_step_in, replace_step
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    before = vars(opt).get("step")  # torch < 2.8 wraps it on the instance; newer torch does not
+    calls: list[str] = []
+    restore = replace_step(opt, lambda: (calls.append("fused"), setattr(opt, "_opt_called", True)))
+    assert fused_step_in(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+        opt.step()
+        scheduler.step()
+        later = torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # leaves the fused step alone
+        opt.step()
+        later.step()
+    assert calls == ["fused", "fused"] and fused_step_in(opt)
+    restore()
+    assert vars(opt).get("step") is before and not fused_step_in(opt)
+    opt.step = lambda closure=None: None  # type: ignore[method-assign]  # e.g. a scaler's patch
+    with pytest.raises(ValueError, match="SGD.step is already replaced on this optimizer"):
+        replace_step(opt, lambda: None)
