@@ -631,6 +631,12 @@ class EMACallback(_CallbackBase):
                 "with manual optimization the LightningModule steps its optimizers itself; leave "
                 "fused_optimizer off"
             )
+        if "deepspeed" in type(trainer.strategy).__name__.lower():
+            raise ValueError(
+                f"{option}: DeepSpeed steps its own optimizer inside engine.step() (Lightning "
+                f"never calls optimizer.step() under it), which a compiled function cannot wrap; "
+                f"{_NO_FUSED}"
+            )
         self._fused = FusedUpdate(
             self.controller, trainer.optimizers[0], option=option, instead=_NO_FUSED
         )

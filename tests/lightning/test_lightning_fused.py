@@ -120,3 +120,21 @@ def test_fused_optimizer_bad_options_refused_at_construction() -> None:
         EMACallback(fused_optimizer=True, nonfinite="skip")
     with pytest.raises(ValueError, match="build the EMA with stream=False"):
         EMACallback(fused_optimizer=True, stream=True)
+
+
+def test_fused_optimizer_refused_under_deepspeed() -> None:
+    # Lightning's DeepSpeed strategy needs CUDA: the setup event alone, with its strategy
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    module = TinyRegression()
+    trainer = SimpleNamespace(
+        strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy),
+        optimizers=[torch.optim.SGD(module.parameters(), lr=0.1)],
+    )
+    cb = EMACallback(half_life="3ba", fused_optimizer=True)
+    with pytest.raises(ValueError, match="DeepSpeed steps its own optimizer"):
+        cb._fuse(trainer, module)  # type: ignore[arg-type]
+    assert not fused_step_in(trainer.optimizers[0])
