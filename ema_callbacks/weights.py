@@ -342,6 +342,7 @@ class EMAWeights:
         self._swapped = False
         self._held: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] = {}
+        self._low: dict[str, torch.Tensor] = {}  # the average in the weights' dtype, for a swap
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._scratch_numel = _SCRATCH_MIN
         # How each tracked tensor is laid out across ranks, by name (set by bind): the shadow
@@ -564,9 +565,15 @@ class EMAWeights:
         self._swap_params: list[tuple[str, nn.Parameter, torch.Tensor]] = []
         self._swap_buffers: list[tuple[str, dict[str, Any], str, torch.Tensor]] = []
         self._swap_copies: list[_Entry] = []
+        self._swap_casts: list[_Entry] = []
         for e in entries:
             if not self._swappable(e):
-                self._swap_copies.append(e)
+                src = self._live[e.name]
+                plain = not self._shardings[e.name].dynamic
+                if plain and src.device == self.shadow[e.name].device:
+                    self._swap_casts.append(e)  # bf16/fp16 weights, a float32 average
+                else:
+                    self._swap_copies.append(e)
             elif e.is_param:
                 self._swap_params.append((e.name, self._live[e.name], self.shadow[e.name]))  # type: ignore[arg-type]
             else:
@@ -737,7 +744,9 @@ class EMAWeights:
     @torch.no_grad()
     def swap_in(self, model: nn.Module | None = None) -> None:
         """Put the EMA weights into the model; idempotent. Storage is exchanged (O(1)) where
-        shadow and weight share dtype and device, copied through a reusable backup otherwise."""
+        shadow and weight share dtype and device; a float32 average of bf16/fp16 weights is cast
+        into a reusable tensor of the weights' dtype, whose storage is then exchanged (one cast
+        pass); an offloaded or sharded one is copied in through a reusable backup."""
         self.synchronize()
         self._check_bound(model)
         if self._swapped:
@@ -753,6 +762,18 @@ class EMAWeights:
         for name, buffers, attr, sh in self._swap_buffers:
             held[name] = buffers[attr]
             buffers[attr] = sh
+        if self._swap_casts:
+            lows = [self._low_for(e) for e in self._swap_casts]
+            torch._foreach_copy_(lows, [self.shadow[e.name] for e in self._swap_casts])
+            for e, low in zip(self._swap_casts, lows, strict=True):
+                if e.is_param:
+                    param = e.owner._parameters[e.attr]
+                    assert param is not None
+                    held[e.name] = param.data
+                    param.data = low
+                else:
+                    held[e.name] = e.owner._buffers[e.attr]  # type: ignore[assignment]
+                    e.owner._buffers[e.attr] = low
         copy_dst: list[torch.Tensor] = []
         copy_src: list[torch.Tensor] = []
         backups: list[torch.Tensor] = []
@@ -789,10 +810,26 @@ class EMAWeights:
             p.data = held.pop(name)
         for name, buffers, attr, _ in self._swap_buffers:
             buffers[attr] = held.pop(name)
+        for e in self._swap_casts:
+            if e.is_param:
+                param = e.owner._parameters[e.attr]
+                assert param is not None
+                param.data = held.pop(e.name)
+            else:
+                e.owner._buffers[e.attr] = held.pop(e.name)
         copy_dst = [self._source_of(e) for e in self._swap_copies]
         if copy_dst:
             torch._foreach_copy_(copy_dst, [self._backup[e.name] for e in self._swap_copies])
         self._swapped = False
+
+    def _low_for(self, e: _Entry) -> torch.Tensor:
+        """The reusable tensor in the weight's dtype that a cast swap puts into the model."""
+        live = self._live[e.name]
+        low = self._low.get(e.name)
+        if low is None or low.shape != live.shape or low.dtype != live.dtype:
+            low = torch.empty_like(live, memory_format=torch.contiguous_format)
+            self._low[e.name] = low
+        return low
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[None]:
@@ -886,8 +923,8 @@ class EMAWeights:
                             x = x.to(device)
                         bound(x)
                     used += 1
-                # Statistics of tensors swapped by copy live in the model: keep them.
-                for e in self._swap_copies:
+                # Statistics of tensors swapped by copy or cast live in the model: keep them.
+                for e in (*self._swap_copies, *self._swap_casts):
                     if e.name in tracked:
                         self.shadow[e.name].copy_(self._source_of(e))
             except BaseException:

@@ -183,21 +183,31 @@ def test_update_while_swapped_refused() -> None:
         w.update_(0.5)
 
 
-def test_copy_fallback_swap_for_mixed_dtype() -> None:
+def test_cast_swap_for_mixed_dtype() -> None:
+    # bf16 weights, float32 average: one cast pass into a reusable bf16 tensor, whose storage
+    # is exchanged with the training weights' (back in swap_out, as for same-dtype tensors)
     torch.manual_seed(0)
-    model = nn.Linear(8, 8).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).to(torch.bfloat16)
     w = EMAWeights(model)
     with torch.no_grad():
-        model.weight.add_(1.0)
+        model[0].weight.add_(1.0)
+    model(torch.randn(4, 8, dtype=torch.bfloat16))  # BatchNorm statistics move: bf16 buffers
     w.update_(0.5)
-    train_vals = model.weight.detach().clone()
-    ptr = model.weight.data_ptr()
-    with w.swapped(model):
-        assert model.weight.dtype == torch.bfloat16  # the model keeps its dtype
-        assert torch.equal(model.weight, w.shadow["weight"].to(torch.bfloat16))
-        assert model.weight.data_ptr() == ptr  # copied in place, not rebound
-        assert torch.equal(w.training_state_dict()["weight"], train_vals)
-    assert torch.equal(model.weight, train_vals)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    param, ptr = model[0].weight, model[0].weight.data_ptr()
+    seen = []
+    for _ in range(2):
+        with w.swapped(model):
+            assert model[0].weight is param and param.dtype == torch.bfloat16
+            assert torch.equal(param, w.shadow["0.weight"].to(torch.bfloat16))
+            stats = model[1].running_mean
+            assert torch.equal(stats, w.shadow["1.running_mean"].to(torch.bfloat16))
+            assert torch.equal(w.training_state_dict()["0.weight"], before["0.weight"])
+            seen.append(param.data_ptr())
+        assert param.data_ptr() == ptr
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert seen[0] == seen[1] != ptr  # the same bf16 tensor each time: nothing allocated
 
 
 def test_functional_call_view_leaves_model_untouched() -> None:
