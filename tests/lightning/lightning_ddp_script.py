@@ -6,7 +6,9 @@ sizes (4 and 6, so the sample count must be summed over ranks), ``half_life='40s
 
 1. ``full``: 8 steps uninterrupted;
 2. ``stop``: 4 steps, checkpoint at step 4;
-3. ``resumed``: from that checkpoint to 8 steps.
+3. ``resumed``: from that checkpoint to 8 steps;
+4. ``fused``: as ``full``, with ``fused_optimizer=True`` (the sample count summed over the
+   ranks inside the optimizer step).
 
 Each rank writes ``OUT/{phase}_rank{r}.pt`` with its EMA, training weights and counters.
 """
@@ -36,7 +38,9 @@ def main(out: Path) -> None:
     size = 4 if rank == 0 else 6
 
     def run(phase: str, max_steps: int, ckpt_path: str | None = None) -> None:
-        cb = EMACallback(half_life="40sp", final_weights="training")
+        cb = EMACallback(
+            half_life="40sp", final_weights="training", fused_optimizer=phase == "fused"
+        )
         callbacks: list = [cb]
         if phase == "stop":
             callbacks.append(
@@ -74,6 +78,7 @@ def main(out: Path) -> None:
     run("full", 8)
     run("stop", 4)
     run("resumed", 8, ckpt_path=str(out / "ckpt" / "step=4.ckpt"))
+    run("fused", 8)
     # A clean teardown: a gloo group left to the interpreter's exit can abort the process
     # ("terminate called without an active exception", exit -6) after all the work is done.
     if torch.distributed.is_initialized():

@@ -47,12 +47,27 @@ def main(out: str, mode: str) -> None:
     )
     tr.train()
     rank = int(os.environ["RANK"])
+    fused = {}
+    if mode == "ddp":  # the separate update and fused_optimizer=True, on the same run
+        for name, on in (("separate", False), ("fused", True)):
+            cb = EMATrainerCallback(half_life="3ba", final_weights="training", fused_optimizer=on)
+            run = trainer(
+                os.path.join(out, name),
+                [cb],
+                data=TinyData(16),
+                num_train_epochs=2,
+                per_device_train_batch_size=2,
+                ddp_backend="gloo",
+            )
+            run.train()
+            fused[name] = cb.controller.state_dict()["shadow"]
     torch.save(
         {
             "ema": ema.controller.state_dict()["shadow"],
             "steps": rec.steps,
             "eval": rec.eval_weights,
             "world": tr.args.world_size,
+            **fused,
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
