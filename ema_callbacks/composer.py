@@ -76,7 +76,13 @@ from ema_callbacks.controller import (
     metric_copy,
     metric_profile,
 )
-from ema_callbacks.fused import FusedUpdate, check_options, replace_step
+from ema_callbacks.fused import (
+    ADAPTER_OPTION,
+    NO_FUSED,
+    FusedUpdate,
+    check_adapter_option,
+    replace_step,
+)
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, half_life_to_smoothing
 from ema_callbacks.time_strings import Time
@@ -97,7 +103,6 @@ _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 _CHECKPOINT_EVENTS = frozenset(
     {Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT}
 )
-_NO_FUSED = "leave fused_optimizer off"
 _TRAIN_EVENTS = frozenset({Event.BEFORE_DATALOADER, Event.BATCH_START})
 _ALWAYS = frozenset(
     {
@@ -344,19 +349,15 @@ class EMA(Algorithm):  # type: ignore[misc]
         }
         self.controller = EMAController.create(**self._options)
         self._snapshot_folder = folder
-        if not isinstance(fused_optimizer, bool):
-            raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
-        if fused_optimizer:
-            check_options(self.controller, "fused_optimizer=True", _NO_FUSED)
-            counted = {Unit.SAMPLE, Unit.TOKEN}
-            if any(counted & p.schedule.units for p in self.controller.profiles):
-                raise ValueError(
-                    "fused_optimizer=True updates inside optimizer.step(), before Composer "
-                    "counts the batch's samples and tokens (summed over the ranks after the "
-                    "step), so the schedule's 'sp'/'tok' times are not known there: give them in "
-                    f"'ba' or 'ep', or {_NO_FUSED}"
-                )
-        self.fused_optimizer = fused_optimizer
+        self.fused_optimizer = check_adapter_option(self.controller, fused_optimizer)
+        counted = {Unit.SAMPLE, Unit.TOKEN}
+        if fused_optimizer and any(counted & p.schedule.units for p in self.controller.profiles):
+            raise ValueError(
+                f"{ADAPTER_OPTION} updates inside optimizer.step(), before Composer counts the "
+                "batch's samples and tokens (summed over the ranks after the step), so the "
+                f"schedule's 'sp'/'tok' times are not known there: give them in 'ba' or 'ep', or "
+                f"{NO_FUSED}"
+            )
         #: graphs compiled by the fused optimizer step so far (``fused_optimizer``)
         self.fused_compilations = 0
         self._unfuse: Any = None
@@ -470,25 +471,30 @@ class EMA(Algorithm):  # type: ignore[misc]
     # -- clock ------------------------------------------------------------------------------
 
     @staticmethod
-    def _clock(state: State) -> Clock:
+    def _clock(state: State, ahead: int = 0) -> Clock:
         """Composer's progress as a :class:`Clock`: optimizer steps, epochs (fractional while
         the epoch length is known), samples, tokens and the fraction of ``max_duration`` done
-        (fractional epochs too when ``max_duration`` is in epochs)."""
+        (fractional epochs too when ``max_duration`` is in epochs). ``ahead=1``: as it will be
+        once this batch is done (during its optimizer step, for ``fused_optimizer``), its
+        samples and tokens not counted yet."""
         ts = state.timestamp
+        batch = int(ts.batch.value) + ahead
         epoch = float(ts.epoch.value)
         length = state.dataloader_len
         if length is not None and int(length) > 0:
-            epoch += min(1.0, int(ts.batch_in_epoch) / int(length))
+            epoch += min(1.0, (int(ts.batch_in_epoch) + ahead) / int(length))
         duration: float | None = None
         max_duration = state.max_duration
         if max_duration is not None and float(max_duration.value) > 0:
             if max_duration.unit == TimeUnit.EPOCH:
                 duration = epoch / float(max_duration.value)
+            elif max_duration.unit == TimeUnit.BATCH:
+                duration = batch / max_duration.value  # as Composer's Time divides
             else:
                 elapsed = state.get_elapsed_duration()
                 duration = None if elapsed is None else float(elapsed.value)
         return Clock(
-            batch=int(ts.batch.value),
+            batch=batch,
             epoch=epoch,
             sample=int(ts.sample.value),
             token=int(ts.token.value),
@@ -607,7 +613,6 @@ class EMA(Algorithm):  # type: ignore[misc]
         """``fused_optimizer=True``: the optimizer's ``step`` (which the Trainer calls with its
         micro-batches' closure, or after them) runs one compiled function doing the step and
         the updates due at the clock ``BATCH_END`` will see."""
-        option = "fused_optimizer=True"
         max_duration = state.max_duration
         if (
             Unit.DURATION in self.controller.units
@@ -615,15 +620,15 @@ class EMA(Algorithm):  # type: ignore[misc]
             and max_duration.unit in (TimeUnit.SAMPLE, TimeUnit.TOKEN)
         ):
             raise ValueError(
-                f"{option}: the schedule's 'dur' times are fractions of max_duration="
+                f"{ADAPTER_OPTION}: the schedule's 'dur' times are fractions of max_duration="
                 f"'{max_duration}', counted in samples or tokens after the optimizer step; give "
-                f"max_duration in 'ba' or 'ep', or {_NO_FUSED}"
+                f"max_duration in 'ba' or 'ep', or {NO_FUSED}"
             )
         optimizer = state.optimizers[0]  # (Composer's Trainer takes exactly one)
-        fused = FusedUpdate(self.controller, optimizer, option=option, instead=_NO_FUSED)
+        fused = FusedUpdate(self.controller, optimizer, option=ADAPTER_OPTION, instead=NO_FUSED)
 
         def step() -> None:
-            if fused(state.model, self._next_clock(state)):
+            if fused(state.model, self._clock(state, ahead=1)):
                 self._pinned = None
             self.fused_compilations = fused.compilations
 
@@ -633,26 +638,6 @@ class EMA(Algorithm):  # type: ignore[misc]
         if self._unfuse is not None:
             self._unfuse()
         self._unfuse = None
-
-    @classmethod
-    def _next_clock(cls, state: State) -> Clock:
-        """The clock of :meth:`_clock` once this batch is done (during its optimizer step):
-        one more batch, in this epoch; samples and tokens as before it (not used)."""
-        ts = state.timestamp
-        clock = cls._clock(state)
-        batch = int(ts.batch.value) + 1
-        epoch = float(ts.epoch.value)
-        length = state.dataloader_len
-        if length is not None and int(length) > 0:
-            epoch += min(1.0, (int(ts.batch_in_epoch) + 1) / int(length))
-        duration = clock.duration
-        max_duration = state.max_duration
-        if max_duration is not None and float(max_duration.value) > 0:
-            if max_duration.unit == TimeUnit.EPOCH:
-                duration = epoch / float(max_duration.value)
-            elif max_duration.unit == TimeUnit.BATCH:
-                duration = batch / max_duration.value
-        return Clock(batch, epoch, clock.sample, clock.token, duration)
 
     def _checked_clock(self, state: State) -> Clock:
         clock = self._clock(state)

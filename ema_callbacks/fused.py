@@ -62,7 +62,20 @@ if TYPE_CHECKING:
     from ema_callbacks.ema import EMA
     from ema_callbacks.schedule import Clock, Update
 
-__all__ = ["FusedStep", "FusedUpdate", "check_options", "fused_step_in", "replace_step"]
+__all__ = [
+    "ADAPTER_OPTION",
+    "NO_FUSED",
+    "FusedStep",
+    "FusedUpdate",
+    "check_adapter_option",
+    "check_options",
+    "fused_step_in",
+    "replace_step",
+]
+
+#: How the adapters' errors name their switch, and its alternative.
+ADAPTER_OPTION = "fused_optimizer=True"
+NO_FUSED = "leave fused_optimizer off"
 
 
 # Inductor emulates the rounding of bf16/fp16 weights in a fused kernel reliably from this torch
@@ -132,6 +145,23 @@ def check_options(controller: EMAController, option: str, instead: str) -> None:
             f"{option} runs the update in the optimizer's pass, so there is no separate "
             "update to put on a side stream: build the EMA with stream=False"
         )
+
+
+def check_adapter_option(controller: EMAController, fused_optimizer: Any) -> bool:
+    """An adapter's ``fused_optimizer`` argument, checked at construction against the EMA's
+    other options; returns it.
+
+    >>> from ema_callbacks.controller import EMAController
+    >>> check_adapter_option(EMAController.create(), 'yes')
+    Traceback (most recent call last):
+    ...
+    TypeError: fused_optimizer must be True or False; got 'yes'
+    """
+    if not isinstance(fused_optimizer, bool):
+        raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
+    if fused_optimizer:
+        check_options(controller, ADAPTER_OPTION, NO_FUSED)
+    return fused_optimizer
 
 
 class FusedUpdate:

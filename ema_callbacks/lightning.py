@@ -59,7 +59,13 @@ from ema_callbacks.controller import (
     first_batches,
     metric_copy,
 )
-from ema_callbacks.fused import FusedUpdate, check_options, replace_step
+from ema_callbacks.fused import (
+    ADAPTER_OPTION,
+    NO_FUSED,
+    FusedUpdate,
+    check_adapter_option,
+    replace_step,
+)
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock, ScheduleState
 from ema_callbacks.time_strings import TimeUnit
@@ -124,9 +130,6 @@ __all__ = [
     "CHECKPOINT_WEIGHTS",
     "EMACallback",
 ]
-
-
-_NO_FUSED = "leave fused_optimizer off"
 
 
 def _resolve_callable(
@@ -409,12 +412,7 @@ class EMACallback(_CallbackBase):
             )
         if not isinstance(log_metrics, bool):
             raise TypeError(f"log_metrics must be True or False; got {log_metrics!r}")
-        if not isinstance(fused_optimizer, bool):
-            raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
-        if fused_optimizer:
-            check_options(self.controller, "fused_optimizer=True", _NO_FUSED)
-        self.fused_optimizer = fused_optimizer
-        self._fused: FusedUpdate | None = None
+        self.fused_optimizer = check_adapter_option(self.controller, fused_optimizer)
         #: graphs compiled by the fused optimizer step in the last fit (``fused_optimizer``)
         self.fused_compilations = 0
         self._unfuse: Callable[[], None] | None = None
@@ -577,7 +575,7 @@ class EMACallback(_CallbackBase):
     ) -> None:
         """Every training step runs on the training weights."""
         self.controller.train_start(pl_module)
-        if self._fused is not None:  # counted before the step, which updates the EMA
+        if self._unfuse is not None:  # counted before the step, which updates the EMA
             self._batch_idx = batch_idx
             self._count(batch)
 
@@ -586,7 +584,7 @@ class EMACallback(_CallbackBase):
     ) -> None:
         """``batch_end`` once per optimizer step (not per micro-batch); with
         ``fused_optimizer`` the step did the update and this writes snapshots and metrics."""
-        if self._fused is None:
+        if self._unfuse is None:
             self._count(batch)
         step = trainer.global_step
         if step <= self._last_step:
@@ -597,7 +595,7 @@ class EMACallback(_CallbackBase):
             if self._count_samples or self._count_tokens:
                 self._flush_counts(trainer, pl_module)
             clock = self._clock(trainer, self._epoch_at(trainer, batch_idx))
-            if self._fused is None:
+            if self._unfuse is None:
                 self.controller.batch_end(pl_module, clock)
         self._maybe_snapshot(trainer, clock)
         if self.log_metrics and self._logging_step(trainer):
@@ -624,23 +622,21 @@ class EMACallback(_CallbackBase):
         plugin calls with the training-step closure) runs the closure, then one compiled
         function doing the step and the updates due once it is done."""
         self._unfuse_step()
-        option = "fused_optimizer=True"
         if not pl_module.automatic_optimization:
             raise ValueError(
-                f"{option} needs automatic optimization (one optimizer, stepped by Lightning): "
-                "with manual optimization the LightningModule steps its optimizers itself; leave "
-                "fused_optimizer off"
+                f"{ADAPTER_OPTION} needs automatic optimization (one optimizer, stepped by "
+                "Lightning): with manual optimization the LightningModule steps its optimizers "
+                f"itself; {NO_FUSED}"
             )
         if "deepspeed" in type(trainer.strategy).__name__.lower():
             raise ValueError(
-                f"{option}: DeepSpeed steps its own optimizer inside engine.step() (Lightning "
-                f"never calls optimizer.step() under it), which a compiled function cannot wrap; "
-                f"{_NO_FUSED}"
+                f"{ADAPTER_OPTION}: DeepSpeed steps its own optimizer inside engine.step() "
+                "(Lightning never calls optimizer.step() under it), which a compiled function "
+                f"cannot wrap; {NO_FUSED}"
             )
-        self._fused = FusedUpdate(
-            self.controller, trainer.optimizers[0], option=option, instead=_NO_FUSED
+        fused = FusedUpdate(
+            self.controller, trainer.optimizers[0], option=ADAPTER_OPTION, instead=NO_FUSED
         )
-        fused = self._fused
 
         def run() -> None:
             # Lightning counts the step (global_step) once it returns: the clock the separate
@@ -660,7 +656,6 @@ class EMACallback(_CallbackBase):
         if self._unfuse is not None:
             self._unfuse()
         self._unfuse = None
-        self._fused = None
         self._fused_clock = None
 
     @staticmethod

@@ -74,7 +74,13 @@ from ema_callbacks.controller import (
     _snapshot_folder_option,
     first_batches,
 )
-from ema_callbacks.fused import FusedUpdate, check_options, replace_step
+from ema_callbacks.fused import (
+    ADAPTER_OPTION,
+    NO_FUSED,
+    FusedUpdate,
+    check_adapter_option,
+    replace_step,
+)
 from ema_callbacks.options import document, forwarded
 from ema_callbacks.schedule import Clock
 from ema_callbacks.state_files import (
@@ -88,7 +94,6 @@ from ema_callbacks.weights import normalize_name, unwrap_model
 
 __all__ = ["EMATrainerCallback", "load_ema_state", "save_ema_state"]
 
-_NO_FUSED = "leave fused_optimizer off"
 _TOKENS_HINT = (
     "the Trainer counts tokens only with TrainingArguments(include_num_input_tokens_seen=True) "
     "(or 'all' / 'non_padding'); set it, or give the time in 'ba', 'ep', 'sp' or 'dur'"
@@ -549,18 +554,16 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         self.name = name
         self.snapshot_folder = snapshot_folder
         self._run = _Run(EMAController.create(**self._options))  # validates everything
-        if not isinstance(fused_optimizer, bool):
-            raise TypeError(f"fused_optimizer must be True or False; got {fused_optimizer!r}")
-        if fused_optimizer:
-            check_options(self.controller, "fused_optimizer=True", _NO_FUSED)
-            if any(TimeUnit.EPOCH in p.schedule.units for p in self.controller.profiles):
-                raise ValueError(
-                    "fused_optimizer=True updates inside optimizer.step(), before the Trainer "
-                    "sets state.epoch, so the schedule's 'ep' times are not known there: give "
-                    "them in 'ba' (optimizer steps per epoch: len(train_dataloader) / "
-                    f"gradient_accumulation_steps) or {_NO_FUSED}"
-                )
-        self.fused_optimizer = fused_optimizer
+        self.fused_optimizer = check_adapter_option(self.controller, fused_optimizer)
+        if fused_optimizer and any(
+            TimeUnit.EPOCH in p.schedule.units for p in self.controller.profiles
+        ):
+            raise ValueError(
+                f"{ADAPTER_OPTION} updates inside optimizer.step(), before the Trainer sets "
+                "state.epoch, so the schedule's 'ep' times are not known there: give them in "
+                "'ba' (optimizer steps per epoch: len(train_dataloader) / "
+                f"gradient_accumulation_steps) or {NO_FUSED}"
+            )
         #: graphs compiled by the fused optimizer step so far (``fused_optimizer``)
         self.fused_compilations = 0
 
@@ -795,21 +798,20 @@ class EMATrainerCallback(TrainerCallback, ExportableState):
         """``fused_optimizer=True``: the torch optimizer inside the Trainer's (accelerate's)
         wrapper steps through one compiled function doing the step and the updates due once it
         is done (the clock :meth:`on_step_end` will see: ``global_step + 1``)."""
-        option = "fused_optimizer=True"
         if getattr(trainer, "is_deepspeed_enabled", False):
             raise ValueError(
-                f"{option}: DeepSpeed steps its own optimizer inside engine.step(), which a "
-                f"compiled function cannot wrap; {_NO_FUSED}"
+                f"{ADAPTER_OPTION}: DeepSpeed steps its own optimizer inside engine.step(), "
+                f"which a compiled function cannot wrap; {NO_FUSED}"
             )
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(
-                f"{option} needs the Trainer's optimizer to be a torch.optim.Optimizer; got "
-                f"{type(optimizer).__name__}: {_NO_FUSED}"
+                f"{ADAPTER_OPTION} needs the Trainer's optimizer to be a torch.optim.Optimizer; "
+                f"got {type(optimizer).__name__}: {NO_FUSED}"
             )
         run = self._run
-        fused = FusedUpdate(run.controller, optimizer, option=option, instead=_NO_FUSED)
+        fused = FusedUpdate(run.controller, optimizer, option=ADAPTER_OPTION, instead=NO_FUSED)
 
         def step() -> None:
             fused(model, self._clock(args, state, int(state.global_step) + 1))

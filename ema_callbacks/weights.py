@@ -766,9 +766,8 @@ class EMAWeights:
             lows = [self._low_for(e) for e in self._swap_casts]
             torch._foreach_copy_(lows, [self.shadow[e.name] for e in self._swap_casts])
             for e, low in zip(self._swap_casts, lows, strict=True):
-                if e.is_param:
-                    param = e.owner._parameters[e.attr]
-                    assert param is not None
+                if e.is_param:  # the bound Parameter, as for _swap_params
+                    param = self._live[e.name]
                     held[e.name] = param.data
                     param.data = low
                 else:
@@ -812,9 +811,7 @@ class EMAWeights:
             buffers[attr] = held.pop(name)
         for e in self._swap_casts:
             if e.is_param:
-                param = e.owner._parameters[e.attr]
-                assert param is not None
-                param.data = held.pop(e.name)
+                self._live[e.name].data = held.pop(e.name)
             else:
                 e.owner._buffers[e.attr] = held.pop(e.name)
         copy_dst = [self._source_of(e) for e in self._swap_copies]
