@@ -64,9 +64,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_OPTION",
-    "NO_FUSED",
     "FusedStep",
     "FusedUpdate",
+    "NO_FUSED",
     "check_adapter_option",
     "check_options",
     "fused_step_in",
