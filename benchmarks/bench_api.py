@@ -63,6 +63,15 @@ def rows(model: nn.Module) -> dict[str, Callable[[], Any]]:
     weights = ema.controller.weights
     assert weights is not None
     out["ema_callbacks EMAWeights.update_"] = lambda: weights.update_(1 - DECAY)
+
+    # What the update is made of: the EMA's own op on the floor's tensors (a lerp costs more
+    # than an add per call on small tensors), and the per-update check for replaced tensors.
+    def bare_lerp() -> None:
+        with torch.no_grad():
+            torch._foreach_lerp_(floor_shadow, floor_src, 1 - DECAY)
+
+    out["(part) bare torch._foreach_lerp_, float32"] = bare_lerp
+    out["(part) replaced-tensor check (EMAWeights._check_live)"] = weights._check_live
     # The other averages through the same call (docs/averaging.md): uniform (SWA) is one lerp
     # like the EMA; BEMA adds three passes forming its evaluated weights.
     uniform = EMA(model, uniform=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 if TYPE_CHECKING:
     from ema_callbacks.weights import EMAWeights, _Group
 
-__all__ = ["all_finite", "lerp_", "mixed_lerp_", "plan_batches", "update_together_"]
+__all__ = ["Batch", "all_finite", "lerp_", "mixed_lerp_", "plan_batches", "update_together_"]
 
 
 @torch.no_grad()
@@ -87,16 +87,18 @@ def all_finite(weights: EMAWeights) -> bool:
 def mixed_lerp_(
     weights: EMAWeights,
     sources: list[torch.Tensor],
-    targets: list[tuple[list[torch.Tensor], float]],
+    targets: list[tuple[list[torch.Tensor], float, torch.Tensor | None]],
     group: _Group | None = None,
 ) -> None:
     """Shadows and sources differ in dtype or device: stage the sources through a bounded
-    scratch in the shadows' dtype and device, then one foreach call per batch for every
-    target ``(shadows, weight)`` together (several EMAs read each staged batch once).
+    scratch in the shadows' dtype and device, then update every target ``(shadows, weight,
+    span)`` from each staged batch (several EMAs read each staged batch once). A target with a
+    ``span`` (its shadows packed back to back, :meth:`EMAWeights._shadow_plan`) takes each batch
+    in one ``lerp_`` over the flat slice; the others one ``_foreach_lerp_`` per batch.
 
     With ``group`` (whose sources are cached at bind), the batches are planned once and
     kept on it: contiguous ranges of tensors and their views into the scratch."""
-    targets = [(shadows, w) for shadows, w in targets if w != 0.0]
+    targets = [(shadows, w, span) for shadows, w, span in targets if w != 0.0]
     if not targets:
         return
     first = targets[0][0][0]
@@ -113,16 +115,29 @@ def mixed_lerp_(
         if group.plan is None:
             group.plan = plan_batches(sources, targets[0][0], scratch)
         if group.plan:
-            for a, b, staged in group.plan:
-                torch._foreach_copy_(staged, sources[a:b], non_blocking=True)
+            for a, b, staged, lo, hi, part, chunk in group.plan:
+                if chunk is None:
+                    torch._foreach_copy_(staged, sources[a:b], non_blocking=True)
+                else:
+                    staged[0].copy_(chunk, non_blocking=True)
                 arrived()
-                _blend_([(sh[a:b], w) for sh, w in targets], staged)
+                flat = scratch[: hi - lo]
+                apart = []
+                for sh, w, span in targets:
+                    if span is None:
+                        apart.append((sh[a:b] if part is None else [sh[a].view(-1)[part]], w))
+                    elif w == 1.0:
+                        span[lo:hi].copy_(flat)
+                    else:
+                        span[lo:hi].lerp_(flat, w)
+                if apart:
+                    _blend_(apart, staged)
             return
 
     def apply(index: list[int], staged: list[torch.Tensor], part: slice | None) -> None:
         chosen = [
             ([sh[i] if part is None else sh[i].view(-1)[part] for i in index], w)
-            for sh, w in targets
+            for sh, w, _ in targets
         ]
         _blend_(chosen, staged)
 
@@ -172,26 +187,64 @@ def mixed_lerp_(
     flush()
 
 
+class Batch(NamedTuple):
+    """One staging step of a planned mixed-dtype update (:func:`plan_batches`): sources
+    ``[a, b)`` copied into ``staged`` (views from the scratch's start), elements ``[lo, hi)``
+    of the group. ``part`` is set for a chunk of one tensor too large for the scratch: its
+    elements ``part`` of tensor ``a``, copied from ``chunk`` (a view of the source)."""
+
+    a: int
+    b: int
+    staged: list[torch.Tensor]
+    lo: int
+    hi: int
+    part: slice | None = None
+    chunk: torch.Tensor | None = None
+
+
 def plan_batches(
     sources: list[torch.Tensor], shadows: list[torch.Tensor], scratch: torch.Tensor
-) -> list[tuple[int, int, list[torch.Tensor]]]:
-    """Consecutive ranges ``[a, b)`` of tensors that fit the scratch together, with their
-    staging views; empty (use the general path) unless every tensor is non-empty,
-    contiguous and fits the scratch alone."""
+) -> list[Batch]:
+    """The staging steps of a mixed-dtype update: consecutive tensors that fit the scratch
+    together, and chunks of those that do not; empty (use the general path) when a
+    shadow is not contiguous, or a tensor too large for the scratch is not."""
     cap = scratch.numel()
-    plan: list[tuple[int, int, list[torch.Tensor]]] = []
-    start, used, views = 0, 0, []  # type: ignore[var-annotated]
+    plan: list[Batch] = []
+    start, used, lo, views = 0, 0, 0, []  # type: ignore[var-annotated]
+
+    def close(end: int) -> None:
+        nonlocal start, lo, used, views
+        if views:
+            plan.append(Batch(start, end, views, lo, lo + used))
+        start, lo, used, views = end, lo + used, 0, []
+
     for i, (src, sh) in enumerate(zip(sources, shadows, strict=True)):
         n = sh.numel()
-        if n == 0 or n > cap or not (src.is_contiguous() and sh.is_contiguous()):
+        if not sh.is_contiguous() or (n > cap and not src.is_contiguous()):
             return []
+        if n > cap:
+            close(i)
+            flat = src.view(-1)
+            for j in range(0, n, cap):
+                m = min(cap, n - j)
+                plan.append(
+                    Batch(
+                        i,
+                        i + 1,
+                        [scratch[:m]],
+                        lo + j,
+                        lo + j + m,
+                        slice(j, j + m),
+                        flat[j : j + m],
+                    )
+                )
+            start, lo = i + 1, lo + n
+            continue
         if used + n > cap:
-            plan.append((start, i, views))
-            start, used, views = i, 0, []
+            close(i)
         views.append(scratch[used : used + n].view(sh.shape))
         used += n
-    if views:
-        plan.append((start, len(sources), views))
+    close(len(sources))
     return plan
 
 
@@ -279,7 +332,10 @@ def _update_together(
             mixed_lerp_(
                 lead,
                 group.sources(),
-                [(w._mixed[gi].targets, f) for w, f in zip(weights, factors, strict=True)],
+                [
+                    (w._mixed[gi].targets, f, w._mixed[gi].span)
+                    for w, f in zip(weights, factors, strict=True)
+                ],
                 group,
             )
         for gi, group in enumerate(lead._copies):

@@ -9,10 +9,14 @@ Torch only: no notion of trainers or events (that is :mod:`ema_callbacks.control
   bare model keeps working on the DDP-, FSDP- or ``torch.compile``-wrapped one.
 * **Update** — :func:`lerp_` is one ``torch._foreach_lerp_`` per (device, dtype) group; a
   float32 shadow of bf16/fp16 weights is updated through a small reusable float32 scratch,
-  never a float32 copy of the whole model. No host synchronisation.
+  never a float32 copy of the whole model. Such shadows are packed back to back in one buffer
+  (tensors of their own to everyone else), so each staged batch is one ``lerp_`` over a flat
+  slice instead of one call per tensor. No host synchronisation.
 * **Swap** — O(1): the parameter's ``.data`` and the shadow tensor exchange storage (optimizer
-  state keys on the parameter object, so it keeps pointing at the right tensors). Where dtypes
-  or devices differ, a copying fallback with one reusable backup buffer.
+  state keys on the parameter object, so it keeps pointing at the right tensors). A float32
+  average of bf16/fp16 weights is cast into reusable tensors of the weights' dtype (one
+  ``copy_`` per packed buffer) whose storage is exchanged; offloaded and sharded ones are
+  copied in through one reusable backup buffer.
 * **View** — :meth:`EMAWeights.functional_call` runs the model on the shadow weights through
   ``torch.func.functional_call`` without touching it.
 
@@ -41,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ema_callbacks._sharding import DTensorShards, Sharding, sharding_of
-from ema_callbacks._update import lerp_, update_together_
+from ema_callbacks._sharding import PLAIN, DTensorShards, Sharding, sharding_of
+from ema_callbacks._update import Batch, lerp_, update_together_
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -186,6 +190,54 @@ def _fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+class _Packs:
+    """The buffers packed shadows are views of (:meth:`EMAWeights._shadow_plan`): one per
+    key, and one per key and extra buffer, each handed out front to back by :meth:`take`."""
+
+    def __init__(self, made: Sequence[tuple[Any, ...]], extra: Sequence[str]) -> None:
+        sizes: dict[tuple[Any, ...], int] = {}
+        for _entry, src, _dtype, _target, key in made:
+            if key is not None:
+                sizes[key] = sizes.get(key, 0) + src.numel()
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._used: dict[tuple[Any, ...], int] = {}
+        for key, n in sizes.items():
+            _, device, dtype, src_device, _ = key
+            pin = device.type == "cpu" and src_device.type == "cuda"
+            for k in (key, *((b, *key) for b in extra)):
+                self._buffers[k] = torch.empty(n, dtype=dtype, device=device, pin_memory=pin)
+                self._used[k] = 0
+
+    def take(self, key: tuple[Any, ...], value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The next ``shape`` of ``key``'s buffer, holding ``value`` (cast)."""
+        start = self._used[key]
+        n = value.numel()
+        self._used[key] = start + n
+        t = self._buffers[key][start : start + n].view(shape)
+        t.copy_(value.detach())
+        return t
+
+
+def _span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One flat tensor over ``tensors`` when they lie back to back, in order, in one storage
+    (packed shadows); ``None`` otherwise."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    start = end = first.storage_offset()
+    for t in tensors:
+        if (
+            t.dtype != first.dtype
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+            or t.storage_offset() != end
+        ):
+            return None
+        end += t.numel()
+    return first.as_strided((end - start,), (1,), start)
+
+
 @dataclass
 class _Entry:
     name: str  # normalised name (the shadow key)
@@ -227,8 +279,10 @@ class _Group:
         if not dynamic:
             with torch.inference_mode(False):  # bound inside a trainer's validate, too
                 self.aliases = [t.detach() for t in self.live]
-        # mixed-dtype staging batches (EMAWeights._plan_batches), planned at the first update
-        self.plan: list[tuple[int, int, list[torch.Tensor]]] | None = None
+        # mixed-dtype staging steps (_update.plan_batches), planned at the first update
+        self.plan: list[Batch] | None = None
+        # ``targets`` as one flat tensor when they are packed (EMAWeights._shadow_plan)
+        self.span: torch.Tensor | None = None
 
     def sources(self) -> list[torch.Tensor]:
         if self.aliases is not None:
@@ -342,7 +396,14 @@ class EMAWeights:
         self._swapped = False
         self._held: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] = {}
-        self._low: dict[str, torch.Tensor] = {}  # the average in the weights' dtype, for a swap
+        # The cast swap (a float32 average of bf16/fp16 weights), prepared at the first swap
+        # after a bind (:meth:`_prepare_casts`): the tensors in the weights' dtype that go into
+        # the model, and the casts that fill them.
+        self._cast_slots: list[tuple[str, nn.Parameter | None, dict[str, Any], str, torch.Tensor]]
+        self._cast_slots = []
+        self._cast_runs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cast_each: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._casts_ready = False
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._scratch_numel = _SCRATCH_MIN
         # How each tracked tensor is laid out across ranks, by name (set by bind): the shadow
@@ -360,10 +421,15 @@ class EMAWeights:
         # Normal tensors even when built inside ``torch.inference_mode`` (a trainer's validate
         # or test before fit): inference tensors could not be updated in place later.
         with torch.inference_mode(False):
-            for e in entries:
-                src = self._source_of(e)
-                shadow_dtype = self._shadow_dtype(src)
-                target = self.device if self.device is not None else src.device
+            made = [self._shadow_plan(e) for e in entries]
+            packs = _Packs(made, extra)
+            for e, src, shadow_dtype, target, key in made:
+                if key is not None:
+                    self.shadow[e.name] = packs.take(key, src, src.shape)
+                    for b, kept in self.extra.items():
+                        kept[e.name] = packs.take((b, *key), self.shadow[e.name], src.shape)
+                    self._average[e.name] = True
+                    continue
                 t = src.detach().to(device=target, dtype=shadow_dtype, copy=True)
                 if t.is_inference():
                     t = t.clone()
@@ -375,6 +441,29 @@ class EMAWeights:
                     for kept in self.extra.values():
                         kept[e.name] = t.clone()
         self.bind(model)
+
+    def _shadow_plan(
+        self, e: _Entry
+    ) -> tuple[_Entry, torch.Tensor, torch.dtype, torch.device, tuple[Any, ...] | None]:
+        """How ``e``'s shadow is made: ``(entry, source, dtype, device, pack key)``. An averaged
+        tensor whose shadow differs from it in dtype or device (a float32 average of bf16/fp16
+        weights, an offloaded one) gets a key: such shadows are packed back to back in one
+        buffer per key (bind groups them by the same key, in the same order), so the update
+        lerps each staged batch of them in one call (:func:`~ema_callbacks._update.mixed_lerp_`)
+        instead of one call per tensor (packed shadows are contiguous whatever the weights'
+        memory format). Sharded and empty sources are not packed."""
+        src = self._source_of(e)
+        shadow_dtype = self._shadow_dtype(src)
+        target = self.device if self.device is not None else src.device
+        live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
+        packed = (
+            e.average
+            and (shadow_dtype != src.dtype or target != src.device)
+            and sharding_of(live) is PLAIN  # type: ignore[arg-type]
+            and src.numel() > 0
+        )
+        key = (e.is_param, target, shadow_dtype, src.device, src.dtype) if packed else None
+        return e, src, shadow_dtype, target, key
 
     # -- selection and binding ------------------------------------------------------------
 
@@ -539,6 +628,7 @@ class EMAWeights:
                 group.extra = {b: [t[e.name] for e in members] for b, t in self.extra.items()}
                 if self.running is not None:
                     group.targets = group.extra[self.running]
+                group.span = _span(group.targets)
             if not average:
                 self._copies.append(group)
             elif sdev == pdev and sdt == pdt:
@@ -566,6 +656,7 @@ class EMAWeights:
         self._swap_buffers: list[tuple[str, dict[str, Any], str, torch.Tensor]] = []
         self._swap_copies: list[_Entry] = []
         self._swap_casts: list[_Entry] = []
+        self._casts_ready = False
         for e in entries:
             if not self._swappable(e):
                 src = self._live[e.name]
@@ -763,16 +854,19 @@ class EMAWeights:
             held[name] = buffers[attr]
             buffers[attr] = sh
         if self._swap_casts:
-            lows = [self._low_for(e) for e in self._swap_casts]
-            torch._foreach_copy_(lows, [self.shadow[e.name] for e in self._swap_casts])
-            for e, low in zip(self._swap_casts, lows, strict=True):
-                if e.is_param:  # the bound Parameter, as for _swap_params
-                    param = self._live[e.name]
-                    held[e.name] = param.data
+            if not self._casts_ready:
+                self._prepare_casts()
+            for low, shadows in self._cast_runs:
+                low.copy_(shadows)
+            if self._cast_each[0]:
+                torch._foreach_copy_(*self._cast_each)
+            for name, param, buffers, attr, low in self._cast_slots:
+                if param is not None:  # the bound Parameter, as for _swap_params
+                    held[name] = param.data
                     param.data = low
                 else:
-                    held[e.name] = e.owner._buffers[e.attr]  # type: ignore[assignment]
-                    e.owner._buffers[e.attr] = low
+                    held[name] = buffers[attr]
+                    buffers[attr] = low
         copy_dst: list[torch.Tensor] = []
         copy_src: list[torch.Tensor] = []
         backups: list[torch.Tensor] = []
@@ -809,24 +903,60 @@ class EMAWeights:
             p.data = held.pop(name)
         for name, buffers, attr, _ in self._swap_buffers:
             buffers[attr] = held.pop(name)
-        for e in self._swap_casts:
-            if e.is_param:
-                self._live[e.name].data = held.pop(e.name)
+        for name, param, buffers, attr, _ in self._cast_slots:
+            if param is not None:
+                param.data = held.pop(name)
             else:
-                e.owner._buffers[e.attr] = held.pop(e.name)
+                buffers[attr] = held.pop(name)
         copy_dst = [self._source_of(e) for e in self._swap_copies]
         if copy_dst:
             torch._foreach_copy_(copy_dst, [self._backup[e.name] for e in self._swap_copies])
         self._swapped = False
 
-    def _low_for(self, e: _Entry) -> torch.Tensor:
-        """The reusable tensor in the weight's dtype that a cast swap puts into the model."""
-        live = self._live[e.name]
-        low = self._low.get(e.name)
-        if low is None or low.shape != live.shape or low.dtype != live.dtype:
-            low = torch.empty_like(live, memory_format=torch.contiguous_format)
-            self._low[e.name] = low
-        return low
+    def _prepare_casts(self) -> None:
+        """The cast swap's tensors in the weights' dtype, one per cast entry. Where shadows lie
+        back to back (packed, :meth:`_shadow_plan`), so do their low-precision tensors, and
+        each run is cast in one ``copy_``; the rest in one ``_foreach_copy_``."""
+        slots: list[tuple[str, nn.Parameter | None, dict[str, Any], str, torch.Tensor]] = []
+        runs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        each: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        def place(e: _Entry) -> tuple[int, int]:
+            sh = self.shadow[e.name]
+            return sh.untyped_storage().data_ptr(), sh.storage_offset()
+
+        entries = sorted(self._swap_casts, key=place)  # each packed buffer front to back
+        lives = [self._live[e.name] for e in entries]
+        i = 0
+        while i < len(entries):
+            j = i + 1  # the run [i, j): shadows back to back, weights of one dtype
+            while (
+                j < len(entries)
+                and lives[j].dtype == lives[i].dtype
+                and _span([self.shadow[entries[k].name] for k in (j - 1, j)]) is not None
+            ):
+                j += 1
+            shadows = [self.shadow[e.name] for e in entries[i:j]]
+            span = _span(shadows) if j - i > 1 else None
+            if span is not None:
+                flat = torch.empty(span.numel(), dtype=lives[i].dtype, device=span.device)
+                runs.append((flat, span))
+                lows, start = [], 0
+                for live in lives[i:j]:
+                    lows.append(flat[start : start + live.numel()].view(live.shape))
+                    start += live.numel()
+            else:
+                lows = [
+                    torch.empty_like(live, memory_format=torch.contiguous_format)
+                    for live in lives[i:j]
+                ]
+                each[0].extend(lows)
+                each[1].extend(shadows)
+            for e, low in zip(entries[i:j], lows, strict=True):
+                param = self._live[e.name] if e.is_param else None
+                slots.append((e.name, param, e.owner._buffers, e.attr, low))  # type: ignore[arg-type]
+            i = j
+        self._cast_slots, self._cast_runs, self._cast_each = slots, runs, each
+        self._casts_ready = True
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[None]:
