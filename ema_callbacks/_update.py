@@ -123,9 +123,11 @@ def mixed_lerp_(
                 arrived()
                 flat = scratch[: hi - lo]
                 apart = []
-                for sh, w, span in targets:
+                for shadows, w, span in targets:
                     if span is None:
-                        apart.append((sh[a:b] if part is None else [sh[a].view(-1)[part]], w))
+                        apart.append(
+                            (shadows[a:b] if part is None else [shadows[a].view(-1)[part]], w)
+                        )
                     elif w == 1.0:
                         span[lo:hi].copy_(flat)
                     else:

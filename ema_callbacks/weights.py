@@ -920,9 +920,10 @@ class EMAWeights:
         slots: list[tuple[str, nn.Parameter | None, dict[str, Any], str, torch.Tensor]] = []
         runs: list[tuple[torch.Tensor, torch.Tensor]] = []
         each: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+
         def place(e: _Entry) -> tuple[int, int]:
             sh = self.shadow[e.name]
-            return sh.untyped_storage().data_ptr(), sh.storage_offset()
+            return sh.untyped_storage().data_ptr(), int(sh.storage_offset())
 
         entries = sorted(self._swap_casts, key=place)  # each packed buffer front to back
         lives = [self._live[e.name] for e in entries]

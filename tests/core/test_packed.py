@@ -42,7 +42,9 @@ def _train_step(model: nn.Module, step: int) -> None:
 
 @pytest.mark.parametrize("scratch", [None, 4000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_packed_update_equals_a_per_tensor_reference(dtype: torch.dtype, scratch: int | None) -> None:
+def test_packed_update_equals_a_per_tensor_reference(
+    dtype: torch.dtype, scratch: int | None
+) -> None:
     model = _model(dtype)
     weights = EMAWeights(model)
     group = weights._mixed[0]
