@@ -35,6 +35,7 @@ def _reference(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _train_step(model: nn.Module, step: int) -> None:
+    torch.manual_seed(100 + step)  # the same change for two equal models
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
             p.add_(torch.randn_like(p) * 0.1 + 0.01 * (i + step))
@@ -166,3 +167,28 @@ def test_bema_on_bf16_weights_keeps_its_running_average_packed() -> None:
         ema.step(model)
     assert ema.num_updates == 4
     assert all(torch.isfinite(t).all() for t in weights.shadow.values())
+
+
+def test_fused_step_on_packed_bf16_shadows_matches_the_separate_update() -> None:
+    from ema_callbacks.fused import _PRECISE_CASTS
+
+    if not _PRECISE_CASTS:
+        pytest.skip(
+            "the fused step refuses bf16 weights before torch 2.13 (tests/core/test_fused.py)"
+        )
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # compiled and eager bf16 optimizers round differently: the reference is a separate EMA
+    # of the fused run's own weights, stepped beside it
+    ema, beside = EMA(model, half_life="2ba"), EMA(model, half_life="2ba")
+    step = ema.fused_step(opt, compile=True)
+    x = torch.randn(4, 3, 8, 8).bfloat16()
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        step()
+        beside.step(model)
+    weights = ema.controller.weights
+    assert weights is not None and weights._mixed[0].span is not None  # packed graph inputs
+    for n, t in beside.shadow.items():
+        assert float((ema.shadow[n] - t).abs().max()) < 1e-6, n
