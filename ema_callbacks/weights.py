@@ -218,24 +218,28 @@ class _Packs:
         return t
 
 
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether contiguous ``b`` starts where contiguous ``a`` ends, in the same storage and
+    dtype (neighbouring packed shadows)."""
+    return (
+        a.dtype == b.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + a.numel()
+    )
+
+
 def _span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """One flat tensor over ``tensors`` when they lie back to back, in order, in one storage
     (packed shadows); ``None`` otherwise."""
-    if not tensors:
+    if not tensors or not tensors[0].is_contiguous():
+        return None
+    if not all(map(_adjacent, tensors[:-1], tensors[1:])):
         return None
     first = tensors[0]
-    storage = first.untyped_storage().data_ptr()
-    start = end = first.storage_offset()
-    for t in tensors:
-        if (
-            t.dtype != first.dtype
-            or not t.is_contiguous()
-            or t.untyped_storage().data_ptr() != storage
-            or t.storage_offset() != end
-        ):
-            return None
-        end += t.numel()
-    return first.as_strided((end - start,), (1,), start)
+    numel = sum(t.numel() for t in tensors)
+    return first.as_strided((numel,), (1,), first.storage_offset())
 
 
 @dataclass
@@ -452,14 +456,16 @@ class EMAWeights:
         lerps each staged batch of them in one call (:func:`~ema_callbacks._update.mixed_lerp_`)
         instead of one call per tensor (packed shadows are contiguous whatever the weights'
         memory format). Sharded and empty sources are not packed."""
-        src = self._source_of(e)
+        live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
+        assert live is not None
+        sharding = sharding_of(live)
+        src = sharding.local(live)  # as _source_of
         shadow_dtype = self._shadow_dtype(src)
         target = self.device if self.device is not None else src.device
-        live = e.owner._parameters[e.attr] if e.is_param else e.owner._buffers[e.attr]
         packed = (
             e.average
             and (shadow_dtype != src.dtype or target != src.device)
-            and sharding_of(live) is PLAIN  # type: ignore[arg-type]
+            and sharding is PLAIN
             and src.numel() > 0
         )
         key = (e.is_param, target, shadow_dtype, src.device, src.dtype) if packed else None
@@ -927,16 +933,17 @@ class EMAWeights:
 
         entries = sorted(self._swap_casts, key=place)  # each packed buffer front to back
         lives = [self._live[e.name] for e in entries]
+        every = [self.shadow[e.name] for e in entries]
         i = 0
         while i < len(entries):
             j = i + 1  # the run [i, j): shadows back to back, weights of one dtype
             while (
                 j < len(entries)
                 and lives[j].dtype == lives[i].dtype
-                and _span([self.shadow[entries[k].name] for k in (j - 1, j)]) is not None
+                and _adjacent(every[j - 1], every[j])
             ):
                 j += 1
-            shadows = [self.shadow[e.name] for e in entries[i:j]]
+            shadows = every[i:j]
             span = _span(shadows) if j - i > 1 else None
             if span is not None:
                 flat = torch.empty(span.numel(), dtype=lives[i].dtype, device=span.device)
